@@ -7,8 +7,12 @@ into the losses so they can be computed in a numerically stable form.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from mnist_gan.files import atomic_path
 
 IMAGE_SIZE = 28 * 28
 
@@ -59,3 +63,24 @@ def build_models(d_noise: int, d_hidden: int, dropout: float,
                  device: torch.device) -> tuple[Generator, Discriminator]:
     return (Generator(d_noise, d_hidden, dropout).to(device),
             Discriminator(d_hidden, dropout).to(device))
+
+
+def save_model(model: Generator | Discriminator, path: Path) -> None:
+    """Weights plus the constructor arguments, so the file alone rebuilds the model."""
+    if isinstance(model, Generator):
+        config = {"kind": "generator", "d_noise": model.d_noise, "d_hidden": model.net[0].out_features,
+                  "dropout": model.net[2].p}
+    else:
+        config = {"kind": "discriminator", "d_hidden": model.net[0].out_features, "dropout": model.net[2].p}
+    with atomic_path(path) as tmp:
+        torch.save({"config": config, "state_dict": model.state_dict()}, tmp)
+
+
+def load_model(path: Path, device: torch.device) -> Generator | Discriminator:
+    """A model saved by save_model, in eval mode on `device`."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    config = dict(state["config"])
+    cls = {"generator": Generator, "discriminator": Discriminator}[config.pop("kind")]
+    model = cls(**config).to(device)
+    model.load_state_dict(state["state_dict"])
+    return model.eval()

@@ -1,0 +1,43 @@
+"""DVC stage `plot`: PNGs under plots/, also logged to the run's MLflow record."""
+
+import logging
+
+import pandas as pd
+import torch
+
+from mnist_gan import paths, plotting, tracking
+from mnist_gan.data import load_images
+from mnist_gan.files import read_json
+from mnist_gan.models import load_model
+from mnist_gan.params import load_params
+from mnist_gan.training import N_FIXED_NOISE, sample
+
+
+def main() -> None:
+    params = load_params()
+    device = torch.device("cpu")  # 16 images: not worth a GPU
+    run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
+    tracking.check_reachable(tracking.tracking_uri())
+    history = pd.read_csv(paths.HISTORY)
+    samples = torch.load(paths.SAMPLES, weights_only=True)
+    generator = load_model(paths.GENERATOR, device)
+    test_images = load_images(paths.RAW_DIR, train=False, device=device)
+
+    rng = torch.Generator().manual_seed(params.eval.seed)
+    real = test_images[torch.randperm(len(test_images), generator=rng)[:N_FIXED_NOISE]]
+    fake = sample(generator, torch.randn(N_FIXED_NOISE, generator.d_noise, generator=rng))
+
+    figures = {
+        "d_scores.png": lambda path: plotting.plot_d_scores(history, path),
+        "samples.png": lambda path: plotting.plot_sample_grids(samples, path),
+        "real_vs_fake.png": lambda path: plotting.plot_real_vs_fake(real, fake, path),
+    }
+    with tracking.open_run(run_id) as tracker:
+        for name, draw in figures.items():
+            draw(paths.PLOTS / name)
+            tracker.log_artifact(paths.PLOTS / name, folder="plots")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

@@ -1,0 +1,55 @@
+"""DVC stage `train`: the GAN, its per-epoch history and the MLflow run.
+
+Resumes from checkpoints/train.pt when a previous run with the same params was
+interrupted; the checkpoint is removed once the outputs are written.
+"""
+
+import logging
+
+import pandas as pd
+import torch
+
+from mnist_gan import checkpoint, paths, tracking
+from mnist_gan.data import load_images
+from mnist_gan.files import atomic_path, write_json
+from mnist_gan.models import save_model
+from mnist_gan.params import load_params, resolve_device
+from mnist_gan.training import train
+
+
+def main() -> None:
+    params = load_params()
+    device = resolve_device(params.device)
+    tracking.check_reachable(tracking.tracking_uri())  # fail before loading data or training
+    train_images = load_images(paths.RAW_DIR, train=True, device=device)
+    test_images = load_images(paths.RAW_DIR, train=False, device=device)
+    resume = checkpoint.load(paths.CHECKPOINT, params)
+
+    with tracking.open_run(resume["run_id"] if resume else None, params=params,
+                           device=str(device)) as tracker:
+        result = train(params, train_images, test_images, device, tracker=tracker,
+                       checkpoint_path=paths.CHECKPOINT, resume=resume)
+        save_model(result.generator, paths.GENERATOR)
+        save_model(result.discriminator, paths.DISCRIMINATOR)
+        with atomic_path(paths.SAMPLES) as tmp:
+            torch.save(result.samples, tmp)
+        with atomic_path(paths.HISTORY) as tmp:
+            pd.DataFrame(result.history).to_csv(tmp, index=False, float_format="%.6g")
+        final = result.history[-1]
+        write_json(paths.TRAIN_METRICS, {
+            "p_real": final["p_real"],
+            "p_fake": final["p_fake"],
+            "epochs": final["epoch"],
+            "train_seconds": round(result.train_seconds, 2),
+            "seconds_per_epoch": round(result.train_seconds / len(result.history), 3),
+            "device": str(device),
+            "mlflow_run_id": tracker.run_id,
+        })
+        tracker.log_artifact(paths.HISTORY)
+        tracker.log_generator(result.generator)
+    paths.CHECKPOINT.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
