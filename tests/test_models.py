@@ -1,0 +1,43 @@
+import torch
+
+from mnist_gan.models import Discriminator, Generator, load_model, save_model
+
+
+def test_shapes_and_output_range():
+    generator, discriminator = Generator(), Discriminator()
+    images = generator(torch.randn(5, 100))
+    assert images.shape == (5, 784)
+    assert images.min() >= -1 and images.max() <= 1
+    assert discriminator(images).shape == (5,)
+
+
+def test_layers_are_the_tutorials():
+    generator, discriminator = Generator(), Discriminator()
+    shapes = [tuple(m.weight.shape) for m in generator.net if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(256, 100), (256, 256), (784, 256)]
+    shapes = [tuple(m.weight.shape) for m in discriminator.net if isinstance(m, torch.nn.Linear)]
+    assert shapes == [(256, 784), (256, 256), (1, 256)]
+    assert [m.p for m in generator.net if isinstance(m, torch.nn.Dropout)] == [0.1, 0.1]
+    assert all(m.negative_slope == 0.01 for m in discriminator.net if isinstance(m, torch.nn.LeakyReLU))
+
+
+def test_init_ranges():
+    torch.manual_seed(0)
+    for model in (Generator(), Discriminator()):
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                assert p.min() >= 0.1 and p.max() <= 0.2, name
+            else:
+                fan_out, fan_in = p.shape
+                expected_std = (2 / (fan_in + fan_out)) ** 0.5  # xavier_normal_
+                assert abs(p.std().item() - expected_std) < 0.2 * expected_std, name
+                assert abs(p.mean().item()) < 0.1 * expected_std + 0.01, name
+
+
+def test_save_and_load_rebuild_the_same_model(tmp_path):
+    generator = Generator(d_noise=8, d_hidden=16, dropout=0.2).eval()
+    save_model(generator, tmp_path / "g.pt")
+    loaded = load_model(tmp_path / "g.pt", torch.device("cpu"))
+    z = torch.randn(3, 8)
+    assert isinstance(loaded, Generator) and not loaded.training
+    assert torch.equal(loaded(z), generator(z))

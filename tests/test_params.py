@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from mnist_gan.params import ParamsError, load_params, parse_params
+from tests.conftest import REPO
+
+
+def _raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repo_params_match_the_tutorial():
+    params = load_params(REPO / "params.yaml")
+    assert (params.lr, params.batch_size, params.epochs, params.d_noise, params.d_hidden) == (
+        2e-4, 200, 200, 100, 256)
+    assert params.loss == "paper" and params.dropout == 0.1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -0.1, "'lr' = -0.1 is invalid"),
+    ("lr", 0, "'lr' = 0.0 is invalid"),
+    ("epochs", 0, "'epochs' = 0 is invalid"),
+    ("batch_size", -5, "'batch_size' = -5"),
+    ("loss", "wasserstein", "must be one of paper, bce"),
+    ("device", "tpu", "must be one of auto, cpu, cuda"),
+    ("precision", "fp8", "must be one of fp32, bf16"),
+    ("dropout", 1.0, "'dropout' = 1.0 is invalid"),
+    ("epochs", 2.5, "'epochs' must be int"),
+    ("lr", "fast", "'lr' must be float"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    raw = _raw() | {key: value}
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+def test_typo_key_is_rejected_with_a_suggestion():
+    with pytest.raises(ParamsError, match=r"unknown key 'lrr' \(did you mean 'lr'\?\)"):
+        parse_params(_raw() | {"lrr": 0.1})
+
+
+def test_nested_typo_names_the_group():
+    raw = _raw()
+    raw["eval"] = raw["eval"] | {"n_sample": 5}
+    with pytest.raises(ParamsError, match=r"unknown key 'eval.n_sample' \(did you mean 'eval.n_samples'\?\)"):
+        parse_params(raw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_an_error():
+    with pytest.raises(ParamsError, match="no CUDA GPU"):
+        parse_params(_raw() | {"device": "cuda"})
+
+
+def test_load_params_prefixes_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_raw() | {"lr": -1}))
+    with pytest.raises(ParamsError, match=f"^{path}: 'lr'"):
+        load_params(path)
+
+
+def test_int_is_accepted_for_float_and_flat_keys_are_dotted():
+    params = parse_params(_raw() | {"dropout": 0})
+    assert isinstance(params.dropout, float) and params.dropout == 0.0
+    flat = params.flat()
+    assert flat["data.source"] == "auto" and flat["eval.n_samples"] == 10_000 and flat["lr"] == 2e-4
+
+
+def test_training_key_ignores_params_that_do_not_change_the_weights():
+    params = load_params(REPO / "params.yaml")
+    assert params.training_key() == dataclasses.replace(params, sample_every=7).training_key()
+    assert params.training_key() != dataclasses.replace(params, lr=1e-3).training_key()

@@ -1,0 +1,102 @@
+import dataclasses
+
+import pytest
+import torch
+
+from mnist_gan import checkpoint
+from mnist_gan.training import N_FIXED_NOISE, TrainingDiverged, d_scores, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def images():
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(600, 784, generator=gen) * 2 - 1, torch.rand(100, 784, generator=gen) * 2 - 1
+
+
+@pytest.fixture
+def params(tiny_params):
+    return dataclasses.replace(tiny_params, epochs=3, batch_size=200, sample_every=2)
+
+
+def test_history_and_samples(params, images):
+    result = train(params, *images, CPU)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    for record in result.history:
+        assert 0 < record["p_real"] < 1 and 0 < record["p_fake"] < 1
+        assert record["loss_d"] > 0 and record["loss_g"] > 0 and record["seconds"] > 0
+    # every sample_every epochs, and the last one
+    assert sorted(result.samples) == [2, 3]
+    assert result.samples[3].shape == (N_FIXED_NOISE, 784)
+
+
+def test_same_seed_same_weights(params, images):
+    a, b = train(params, *images, CPU), train(params, *images, CPU)
+    assert all(torch.equal(x, y) for x, y in zip(a.generator.state_dict().values(),
+                                                 b.generator.state_dict().values(), strict=True))
+
+
+def test_batch_size_larger_than_the_dataset_is_an_error(params, images):
+    with pytest.raises(ValueError, match="'batch_size' = 1000 is larger than the training set"):
+        train(dataclasses.replace(params, batch_size=1000), *images, CPU)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(params, images, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    uninterrupted = train(params, *images, CPU)
+
+    def crash_in_epoch_3(epoch, step):
+        if epoch == 3 and step == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(params, *images, CPU, checkpoint_path=path, on_step=crash_in_epoch_3)
+    state = checkpoint.load(path, params)
+    assert state["epoch"] == 2
+    resumed = train(params, *images, CPU, checkpoint_path=path, resume=state)
+
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for key in ("p_real", "p_fake", "loss_d", "loss_g"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in uninterrupted.history]
+    for model in ("generator", "discriminator"):
+        for x, y in zip(getattr(resumed, model).state_dict().values(),
+                        getattr(uninterrupted, model).state_dict().values(), strict=True):
+            assert torch.equal(x, y)
+    assert torch.equal(resumed.samples[3], uninterrupted.samples[3])
+
+
+def test_checkpoint_of_other_params_is_ignored(params, images, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train(dataclasses.replace(params, epochs=2, checkpoint_every=1), *images, CPU, checkpoint_path=path)
+    assert checkpoint.load(path, dataclasses.replace(params, epochs=2)) is not None
+    assert checkpoint.load(path, dataclasses.replace(params, epochs=2, lr=1e-3)) is None
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(params, images, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train_images = images[0].clone()
+    good = {}
+
+    def poison_data_in_epoch_2(epoch, step):
+        if epoch == 2 and step == 0:
+            good["checkpoint"] = path.read_bytes()
+            train_images.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="epoch 2: loss_d=nan"):
+        train(params, train_images, images[1], CPU, checkpoint_path=path, on_step=poison_data_in_epoch_2)
+    assert path.read_bytes() == good["checkpoint"]
+    assert checkpoint.load(path, params)["epoch"] == 1
+
+
+def test_d_scores_are_reproducible_with_a_seeded_rng_and_restore_train_mode(params, images):
+    result = train(dataclasses.replace(params, epochs=1), *images, CPU)
+    result.generator.train()
+    scores = [d_scores(result.generator, result.discriminator, images[1], 300,
+                       rng=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert scores[0] == scores[1]
+    assert result.generator.training
