@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n uint8 28x28 images of 10 easily told apart classes (class k: a bright bar at row 2k+4), plus labels."""
+    """n uint8 28x28 images of 10 easy classes (class k: a bright bar at row 2k+4), and their labels."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.uint8) % 10
     images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)

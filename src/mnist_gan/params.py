@@ -160,7 +160,7 @@ def _validate(p: Params) -> None:
            "no CUDA GPU is visible to PyTorch; use 'auto' or 'cpu'")
     _check(p.precision in PRECISIONS, "precision", p.precision, f"must be one of {', '.join(PRECISIONS)}")
     _check(p.sample_every >= 1, "sample_every", p.sample_every, "must be an integer >= 1")
-    _check(p.checkpoint_every >= 0, "checkpoint_every", p.checkpoint_every, "must be >= 0 (0 disables checkpoints)")
+    _check(p.checkpoint_every >= 0, "checkpoint_every", p.checkpoint_every, "must be >= 0 (0: none)")
     _check(bool(p.data.source), "data.source", p.data.source, "must be 'auto' or a folder/archive path")
     _check(p.eval.n_samples >= 2, "eval.n_samples", p.eval.n_samples, "must be an integer >= 2")
     _check(p.classifier.epochs >= 1, "classifier.epochs", p.classifier.epochs, "must be an integer >= 1")
