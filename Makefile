@@ -31,3 +31,30 @@ lint: venv  ## ruff
 
 bench: venv  ## compare the training loop's speed with the tutorial's loop
 	python benchmarks/bench.py
+
+# --- Experiments at team scale (README) ---
+SWEEP ?= lr=0.0001,0.0002,0.0004
+JOBS ?= 2
+REV ?= main
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+
+.PHONY: sweep metrics-diff mlflow-server
+
+sweep: venv  ## run a grid of queued experiments, JOBS at a time: SWEEP='lr=0.0001,0.0004 seed=0,1'
+	dvc exp run --queue $(foreach s,$(SWEEP),-S '$(s)')
+	dvc queue start -j $(JOBS)
+	@echo "waiting for the queue (dvc queue logs NAME follows one experiment)"
+	@while dvc queue status | grep -qwE 'Queued|Running'; do sleep 10; done
+	dvc queue status
+	dvc exp show --no-pager --only-changed
+	@echo "compare the runs: python -m mnist_gan compare [--metric fid]"
+
+metrics-diff: venv  ## dvc metrics/params diff against git REV as Markdown; fails if ci.metric regressed
+	python -m mnist_gan metrics-diff --rev $(REV)
+
+# the server keeps everything in mlflow-server/: runs in mlflow.db, files in mlartifacts/ (both git-ignored)
+mlflow-server: venv  ## MLflow tracking server on 127.0.0.1:5000, stored in mlflow-server/
+	mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
+		--artifacts-destination $(CURDIR)/mlflow-server/mlartifacts

@@ -253,6 +253,31 @@ class PeakMemory:
             self.peak_bytes = max(self._peak, self.rss()) - self._base
 
 
+class OtherLoad:
+    """The share of the machine's CPU time that *other* processes used while the block ran (0 = the
+    machine was ours, 1 = every core busy elsewhere), from /proc/stat minus this process's own
+    /proc/self/stat. Timings taken while other work shares the cores are not the machine's: with
+    torch's default of one thread per core, an OpenMP thread that loses its core stalls the other."""
+
+    share = 0.0
+
+    @staticmethod
+    def _ticks() -> tuple[int, int]:
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(cpu[:8]) - cpu[3] - cpu[4]  # all but idle and iowait
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12])  # utime + stime of all our threads
+
+    def __enter__(self) -> OtherLoad:
+        self._start, self._t0 = self._ticks(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (busy0, own0), (busy1, own1) = self._start, self._ticks()
+        available = (time.perf_counter() - self._t0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        self.share = max(0.0, (busy1 - busy0) - (own1 - own0)) / available
+
+
 def release_free_heap() -> None:
     """Give memory freed by the previous loop back to the OS (glibc), so it does not hide the
     next loop's growth in RSS."""
@@ -278,43 +303,68 @@ def dataset(tmp: Path) -> tuple[Path, str]:
     return tmp, "random pixels of MNIST's shape (no data/MNIST/raw here)"
 
 
+class EpochClock:
+    """A training Tracker that notes this process's CPU time at the end of every epoch.
+
+    CPU seconds complement wall seconds where other processes share the cores: with one torch
+    thread (--threads 1) they are close to what the epoch takes on a quiet core. With more threads
+    they also count OpenMP's spin-waiting, so read them as a cost, not a time."""
+
+    run_id = None
+
+    def __init__(self) -> None:
+        self.cpu_seconds: list[float] = []
+        self._last = time.process_time()
+
+    def log_epoch(self, record: dict[str, float]) -> None:
+        now = time.process_time()
+        self.cpu_seconds.append(now - self._last)
+        self._last = now
+
+    def log_samples(self, epoch: int, images: torch.Tensor) -> None:
+        self._last = time.process_time()  # drawing the sample grid is not part of the epoch
+
+
 def time_reference(root: Path, params: Params, device: torch.device, epochs: int) -> dict[str, Any]:
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as memory, OtherLoad() as others:
         started = time.perf_counter()
         ref = build_reference(root, device, params.seed, params.batch_size, params.lr)
         setup = time.perf_counter() - started
         records = []
         for _ in range(1 + epochs):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             run_epoch(ref)
             sync(device)
             trained = time.perf_counter()
             p_real, p_fake = evaluate(ref)
             done = time.perf_counter()
             records.append({"seconds": done - started, "train_seconds": trained - started,
-                            "eval_seconds": done - trained, "p_real": p_real, "p_fake": p_fake})
+                            "eval_seconds": done - trained, "cpu_seconds": time.process_time() - cpu_started,
+                            "p_real": p_real, "p_fake": p_fake})
         del ref
-    return summary("reference", "fp32", setup, records, memory)
+    return summary("reference", "fp32", setup, records, memory, others)
 
 
 def time_project(root: Path, params: Params, device: torch.device, epochs: int,
                  precision: str) -> dict[str, Any]:
     raw = root / "MNIST" / "raw"
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as memory, OtherLoad() as others:
         started = time.perf_counter()
         train_images = to_model_input(load_split(raw, train=True)[0]).to(device)
         test_images = to_model_input(load_split(raw, train=False)[0]).to(device)
         sync(device)
         setup = time.perf_counter() - started
         run = dataclasses.replace(params, epochs=1 + epochs, precision=precision)
-        result = train(run, train_images, test_images, device)
-        records = [{k: r[k] for k in ("seconds", "p_real", "p_fake")} for r in result.history]
+        clock = EpochClock()
+        result = train(run, train_images, test_images, device, tracker=clock)
+        records = [{"seconds": r["seconds"], "cpu_seconds": cpu, "p_real": r["p_real"], "p_fake": r["p_fake"]}
+                   for r, cpu in zip(result.history, clock.cpu_seconds, strict=True)]
         del result, train_images, test_images
-    return summary("project", precision, setup, records, memory)
+    return summary("project", precision, setup, records, memory, others)
 
 
 def summary(loop: str, precision: str, setup: float, records: list[dict[str, float]],
-            memory: PeakMemory) -> dict[str, Any]:
+            memory: PeakMemory, others: OtherLoad) -> dict[str, Any]:
     timed = records[1:]
     out = {
         "loop": loop,
@@ -323,10 +373,12 @@ def summary(loop: str, precision: str, setup: float, records: list[dict[str, flo
         "warmup_epoch_seconds": records[0]["seconds"],
         "epoch_seconds": [r["seconds"] for r in timed],
         "mean_epoch_seconds": statistics.fmean(r["seconds"] for r in timed),
+        "mean_epoch_cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in timed),
         "final_p_real": timed[-1]["p_real"],
         "final_p_fake": timed[-1]["p_fake"],
         "peak_memory_bytes": memory.peak_bytes,
         "peak_memory_kind": memory.kind,
+        "cpu_used_elsewhere": others.share,
     }
     if "train_seconds" in timed[0]:
         out["mean_train_seconds"] = statistics.fmean(r["train_seconds"] for r in timed)
@@ -363,6 +415,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
                         help="project loop precisions (default: fp32, plus bf16 where native)")
     parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/<device>.json)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's own, one per core); 1 where other work "
+                             "shares the cores")
     parser.add_argument("--full-gpu-run", action="store_true",
                         help="on CUDA, also time the project's full default run (params.yaml's epochs)")
     args = parser.parse_args(argv)
@@ -379,6 +434,8 @@ def mib(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     params_file = ROOT / "params.yaml"
     base = load_params(params_file) if params_file.is_file() else Params()
@@ -392,9 +449,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # (1) matmul rate at the GAN's shapes: the GEMMs of one project training step
     shapes = step_gemms("project", params.batch_size, params.d_noise, params.d_hidden)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    rates = {p: matmul_rate(device, dtypes[p], shapes) for p in sorted(set(precisions) | {"fp32"})}
+    with OtherLoad() as others:
+        rates = {p: matmul_rate(device, dtypes[p], shapes) for p in sorted(set(precisions) | {"fp32"})}
     print("matmul rate at the GAN's GEMM shapes: "
-          + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items()))
+          + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items())
+          + f" (CPU used elsewhere meanwhile: {others.share:.0%})")
 
     with tempfile.TemporaryDirectory(prefix="mnist-gan-bench-") as tmp:
         root, data_kind = dataset(Path(tmp))
@@ -424,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference_seconds = results[0]["mean_epoch_seconds"]
     for r in results:
         r["ratio_vs_reference"] = reference_seconds / r["mean_epoch_seconds"]
+        r["cpu_ratio_vs_reference"] = results[0]["mean_epoch_cpu_seconds"] / r["mean_epoch_cpu_seconds"]
         r["flops_per_epoch"] = flops[r["loop"]]
         r["achieved_gflops"] = flops[r["loop"]] / r["mean_epoch_seconds"] / 1e9
         # the floor: the project's FLOPs at the machine's matmul rate in this precision
@@ -433,21 +493,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # (4) the table
     print()
-    print(f"{'loop':<10} {'prec':<5} {'warm-up s':>9} {'s/epoch':>8} {'ratio':>6} {'GFLOP/s':>8} "
-          f"{'floor s':>8} {'% floor':>8} {'peak mem':>9}  p_real/p_fake")
+    print(f"{'loop':<10} {'prec':<5} {'warm-up s':>9} {'s/epoch':>8} {'ratio':>6} {'cpu s':>6} "
+          f"{'ratio':>6} {'GFLOP/s':>8} "
+          f"{'floor s':>8} {'% floor':>8} {'peak mem':>9} {'busy':>5}  p_real/p_fake")
     for r in results:
         print(f"{r['loop']:<10} {r['precision']:<5} {r['warmup_epoch_seconds']:>9.2f} "
               f"{r['mean_epoch_seconds']:>8.2f} {r['ratio_vs_reference']:>5.2f}x "
+              f"{r['mean_epoch_cpu_seconds']:>6.2f} {r['cpu_ratio_vs_reference']:>5.2f}x "
               f"{r['achieved_gflops']:>8.0f} "
-              f"{r['floor_seconds']:>8.2f} {r['pct_of_floor']:>7.0f}% {mib(r['peak_memory_bytes']):>9}  "
-              f"{r['final_p_real']:.3f}/{r['final_p_fake']:.3f}")
+              f"{r['floor_seconds']:>8.2f} {r['pct_of_floor']:>7.0f}% {mib(r['peak_memory_bytes']):>9} "
+              f"{r['cpu_used_elsewhere']:>5.0%}  {r['final_p_real']:.3f}/{r['final_p_fake']:.3f}")
     ref = results[0]
     print(f"reference per epoch: {ref['mean_train_seconds']:.2f} s training + "
           f"{ref['mean_eval_seconds']:.2f} s evaluation; reference / fp32 floor = "
           f"{reference_seconds / ref['floor_seconds']:.1f}x")
     print(f"s/epoch: mean of {args.epochs} epochs (training + per-epoch evaluation); ratio: reference "
-          f"s/epoch over the row's; peak mem: {ref['peak_memory_kind']}; floor: the project's FLOPs at "
-          "the matmul rate of the row's precision")
+          "s/epoch over the row's; cpu s: this process's CPU seconds per epoch, and their ratio; "
+          f"peak mem: {ref['peak_memory_kind']}; floor: the project's FLOPs at "
+          "the matmul rate of the row's precision; busy: CPU used by other processes meanwhile")
+    if max([others.share] + [r["cpu_used_elsewhere"] for r in results]) > 0.1:
+        print("WARNING: other processes used the CPU during the measurements: the absolute times are "
+              "not this machine's; rerun on a quiet machine (or compare --threads 1 runs)")
     if full is not None:
         print(f"full GPU run: {full['epochs']} epochs in {full['train_seconds']:.1f} s of training "
               f"({full['wall_seconds']:.1f} s wall, first epoch {full['first_epoch_seconds']:.2f} s), "
@@ -458,8 +524,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "machine": info,
         "config": {"epochs": args.epochs, "warmup_epochs": 1, "data": data_kind, "n_train": n_train,
-                   "n_test": n_test, "batch_size": params.batch_size, "device": str(device)},
+                   "n_test": n_test, "batch_size": params.batch_size, "device": str(device),
+                   "torch_threads": torch.get_num_threads()},
         "matmul_gflops": rates,
+        "matmul_cpu_used_elsewhere": others.share,
         "flops_per_epoch": flops,
         "loops": results,
         "full_gpu_run": full,

@@ -16,7 +16,7 @@ def main() -> None:
     params = load_params()
     device = resolve_device(params.device)
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
-    tracking.check_reachable(tracking.tracking_uri())
+    tracking.check_run(run_id)  # fail before the work, not when logging it
     generator = load_model(paths.GENERATOR, device)
     discriminator = load_model(paths.DISCRIMINATOR, device)
     test_images = load_images(paths.RAW_DIR, train=False, device=device)

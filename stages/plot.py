@@ -17,7 +17,7 @@ def main() -> None:
     params = load_params()
     device = torch.device("cpu")  # 16 images: not worth a GPU
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
-    tracking.check_reachable(tracking.tracking_uri())
+    tracking.check_run(run_id)  # fail before the work, not when logging it
     history = pd.read_csv(paths.HISTORY)
     samples = torch.load(paths.SAMPLES, weights_only=True)
     generator = load_model(paths.GENERATOR, device)

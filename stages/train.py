@@ -21,12 +21,11 @@ def main() -> None:
     params = load_params()
     device = resolve_device(params.device)
     tracking.check_reachable(tracking.tracking_uri())  # fail before loading data or training
+    resume = checkpoint.load(paths.CHECKPOINT, params)
     train_images = load_images(paths.RAW_DIR, train=True, device=device)
     test_images = load_images(paths.RAW_DIR, train=False, device=device)
-    resume = checkpoint.load(paths.CHECKPOINT, params)
 
-    with tracking.open_run(resume["run_id"] if resume else None, params=params,
-                           device=str(device)) as tracker:
+    with tracking.open_training_run(params, str(device), resume) as tracker:
         result = train(params, train_images, test_images, device, tracker=tracker,
                        checkpoint_path=paths.CHECKPOINT, resume=resume)
         save_model(result.generator, paths.GENERATOR)

@@ -147,11 +147,34 @@ def test_md5_mismatch_names_the_file_and_leaves_raw_dir_untouched(tmp_path, tiny
     with pytest.raises(DataError) as error:
         prepare_mnist(raw_dir, str(tiny_raw), verify=True)
     message = str(error.value)
-    assert f"train-images-idx3-ubyte from {tiny_raw} has md5 {actual}" in message
+    assert f"{tiny_raw / 'train-images-idx3-ubyte'} has md5 {actual}" in message
     assert data.OFFICIAL_MD5["train-images-idx3-ubyte"] in message and "data.source" in message
+    assert "not kept" in message and "run the download stage again" in message
     if had_previous:
         assert _contents(raw_dir) == {"previous": b"keep me"}
     _no_leftovers(tmp_path, "source", *(["raw"] if had_previous else []))
+
+
+def test_truncated_file_in_source_is_named_as_the_source_file(tmp_path, tiny_raw):
+    path = tiny_raw / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    raw_dir = tmp_path / "raw"
+    with pytest.raises(DataError) as error:
+        prepare_mnist(raw_dir, str(tiny_raw), verify=False)
+    message = str(error.value)
+    assert f"{path}: truncated or corrupt" in message
+    assert "(it is absent: `dvc repro` removes" in message and "dvc checkout" in message
+    _no_leftovers(tmp_path, "source")
+
+
+def test_corrupt_gz_member_of_an_archive_is_named(tmp_path, tiny_raw):
+    archive = tmp_path / "mnist.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in RAW_FILES:
+            blob = gzip.compress((tiny_raw / name).read_bytes())
+            zf.writestr(f"raw/{name}.gz", blob[:-20] if name == RAW_FILES[1] else blob)
+    with pytest.raises(DataError, match=rf"raw/{RAW_FILES[1]}.gz in {archive}: cannot be read"):
+        prepare_mnist(tmp_path / "raw", str(archive), verify=False)
 
 
 def test_missing_file_in_source_is_named(tmp_path, tiny_raw):

@@ -40,11 +40,21 @@ def save(path: Path, *, params: Params, epoch: int, generator: torch.nn.Module,
         torch.save(state, tmp)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be resumed from."""
+
+
 def load(path: Path, params: Params) -> dict[str, Any] | None:
     """The checkpoint at `path` if it belongs to these params, else None."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        # Not half-written (saves are atomic), so damaged on disk or from another PyTorch version.
+        # Fail rather than start over: the user may want it back, e.g. with the old PyTorch.
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({type(err).__name__}: "
+                              f"{err}). Delete it to train from the first epoch.") from err
     if state.get("params") != params.training_key():
         log.warning("ignoring %s: it was written with other training params", path)
         return None

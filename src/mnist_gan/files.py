@@ -1,7 +1,10 @@
 """Atomic output files: write to a temporary sibling, then rename over the target.
 
 A stage killed mid-write leaves the previous output intact (rename is atomic on
-POSIX within one filesystem), so DVC never sees a half-written file.
+POSIX within one filesystem), so DVC never sees a half-written file. The data is
+flushed to disk before the rename, so a machine that loses power does not leave
+an empty file under the output's name either. A killed writer can leave its
+temporary file (`.<name>.*.tmp`) behind; nothing reads it, and it can be deleted.
 """
 
 from __future__ import annotations
@@ -28,10 +31,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -50,6 +50,15 @@ class ClassifierParams:
 
 
 @dataclass(frozen=True)
+class CiParams:
+    """The gate of `make metrics-diff`: how much worse than a baseline a quality metric may get."""
+
+    metric: str = "fid"          # a key of the metrics files (metrics/eval.json preferred)
+    lower_is_better: bool = True
+    max_regression: float = 0.10  # relative: 0.10 fails when the metric gets more than 10 % worse
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     epochs: int = 200
@@ -66,6 +75,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     eval: EvalParams = field(default_factory=EvalParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    ci: CiParams = field(default_factory=CiParams)
 
     def flat(self) -> dict[str, Any]:
         """All params as one flat dict with dotted group keys (for MLflow)."""
@@ -111,7 +121,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
     return params
 
 
-_GROUPS = {"data": DataParams, "eval": EvalParams, "classifier": ClassifierParams}
+_GROUPS = {"data": DataParams, "eval": EvalParams, "classifier": ClassifierParams, "ci": CiParams}
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
@@ -166,3 +176,6 @@ def _validate(p: Params) -> None:
     _check(p.classifier.epochs >= 1, "classifier.epochs", p.classifier.epochs, "must be an integer >= 1")
     _check(p.classifier.batch_size >= 1, "classifier.batch_size", p.classifier.batch_size, "must be >= 1")
     _check(0 < p.classifier.lr < 1, "classifier.lr", p.classifier.lr, "must be in (0, 1)")
+    _check(bool(p.ci.metric), "ci.metric", p.ci.metric, "must name a metric, e.g. fid")
+    _check(p.ci.max_regression >= 0, "ci.max_regression", p.ci.max_regression,
+           "must be >= 0 (a fraction: 0.10 allows 10 % worse)")

@@ -7,10 +7,14 @@ Training itself never imports this module (see training.Tracker).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
 
 from mnist_gan.params import Params
 from mnist_gan.plotting import image_grid
@@ -50,19 +55,68 @@ def tracking_uri() -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast, naming the URI, if the tracking store cannot be reached."""
+    """Fail fast, naming the URI, if the tracking store cannot be reached.
+
+    One plain request with a 5 s timeout: MLflow's own client would retry with backoff
+    for minutes before giving up.
+    """
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
                 response.read()
         except (urllib.error.URLError, OSError) as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({err}); start it (make mlflow-server) "
-                "or unset MLFLOW_TRACKING_URI to use the local mlflow.db") from None
+                f"MLflow tracking server {uri} is unreachable ({err}); start it, or unset "
+                "MLFLOW_TRACKING_URI to use the local store (mlflow.db)") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
+
+
+def prepare_store(uri: str) -> None:
+    """Create or upgrade a SQLite store's tables under a file lock, before any run uses it.
+
+    MLflow builds the schema of a fresh database without a lock, so queued experiments
+    starting together (`dvc queue start -j 2`) on a new mlflow.db break each other's
+    migrations ("duplicate column name"). Later concurrent writes are safe: MLflow sets
+    `PRAGMA busy_timeout = 20000` on every session, so a writer waits for the lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        return  # a server builds its schema at start-up; `mlflow db upgrade` sets up other databases
+    key = hashlib.md5(uri.encode(), usedforsecurity=False).hexdigest()
+    # in the temp dir, not beside mlflow.db: nothing new appears in the repo
+    with open(Path(tempfile.gettempdir()) / f"mnist-gan-store-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(uri).search_experiments(max_results=1)  # builds the (cached) store
+
+
+def _connect() -> str:
+    """Check the store and point MLflow at it; returns its URI."""
+    uri = tracking_uri()
+    check_reachable(uri)
+    prepare_store(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _run_exists(run_id: str) -> bool:
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return run.info.lifecycle_stage != "deleted"
+
+
+def check_run(run_id: str) -> None:
+    """Fail fast if the store is unreachable or no longer holds `run_id` (the run the train stage
+    recorded in metrics/train.json), before a stage does the work it would log there."""
+    uri = _connect()
+    if not _run_exists(run_id):
+        raise TrackingError(
+            f"MLflow run {run_id} is not in {uri} (deleted, or MLFLOW_TRACKING_URI changed since "
+            "training); point MLFLOW_TRACKING_URI at the store that holds it, or retrain with "
+            "`dvc repro --force train`")
 
 
 def _experiment_id() -> str:
@@ -84,8 +138,13 @@ def _git_commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(f"terminated by signal {signum}")
+# Signals that end a run which can still record why: Ctrl-C raises KeyboardInterrupt by itself;
+# SIGKILL cannot be caught, and leaves the run RUNNING until a resume reopens it.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(f"terminated by {signal.Signals(signum).name}")
 
 
 @contextmanager
@@ -96,9 +155,7 @@ def open_run(run_id: str | None = None, *, params: Params | None = None,
     The run ends FINISHED on success and FAILED, with the reason as a tag, when the
     block raises or the process is terminated, so no run is left RUNNING by an error.
     """
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+    uri = _connect()
     if run_id is None:
         tags = {"git_commit": _git_commit(), "device": device or "unknown"}
         if os.environ.get("DVC_EXP_NAME"):
@@ -108,33 +165,105 @@ def open_run(run_id: str | None = None, *, params: Params | None = None,
         if params is not None:
             mlflow.log_params(params.flat())
     else:
+        if not _run_exists(run_id):
+            raise TrackingError(f"MLflow run {run_id} is not in {uri}")
         run = mlflow.start_run(run_id=run_id)
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # a process started with a signal ignored (nohup) keeps it ignored
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, _raise_on_signal)
     try:
-        yield MlflowTracker(run.info.run_id)
+        yield MlflowTracker(run.info.run_id, reopened=run_id is not None)
     except BaseException as err:
-        mlflow.set_tag("failure_reason", f"{type(err).__name__}: {err}"[:5000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_failed(run.info.run_id, err)
         raise
     else:
+        if "failure_reason" in run.data.tags:  # from an attempt that this one resumed and completed
+            mlflow.delete_tag("failure_reason")
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _end_failed(run_id: str, err: BaseException) -> None:
+    reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    try:
+        mlflow.set_tag("failure_reason", reason[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+    except Exception as store_err:  # the store may be what failed: report, but raise the original error
+        log.warning("could not mark MLflow run %s FAILED: %s", run_id, store_err)
+
+
+@contextmanager
+def open_training_run(params: Params, device: str, resume: dict[str, Any] | None) -> Iterator[MlflowTracker]:
+    """The train stage's run: a new one, or for `resume` (a checkpoint) the run it was logging to.
+
+    The resumed run gets each epoch once: those the checkpoint holds that the run lacks are
+    logged, and the epochs re-trained after the checkpoint skip steps the run already has.
+    If the checkpoint's run is no longer in the store (mlflow.db deleted, MLFLOW_TRACKING_URI
+    changed), a new run is started and given the checkpoint's epochs instead of failing: the
+    checkpoint holds all the training state, and refusing to resume would throw away the work
+    it exists to save in order to protect a record that is already gone.
+    """
+    run_id = resume["run_id"] if resume else None
+    if run_id is not None:
+        uri = _connect()
+        if not _run_exists(run_id):
+            log.warning("MLflow run %s of the checkpoint is not in %s: logging the resumed training, "
+                        "epochs 1-%d included, to a new run", run_id, uri, resume["epoch"])
+            run_id = None
+    with open_run(run_id, params=params, device=device) as tracker:
+        if resume:
+            mlflow.set_tag("resumed_after_epoch", resume["epoch"])
+            if resume["run_id"] != tracker.run_id:
+                mlflow.set_tag("resumed_from_missing_run", resume["run_id"])
+            for record in resume["history"]:
+                tracker.log_epoch(record)
+            for epoch, images in resume["samples"].items():
+                tracker.log_samples(epoch, images)
+        yield tracker
+
+
+# the step in the file name MLflow gives a time-stepped image ("images/samples+step+3+timestamp+...")
+_SAMPLES_STEP = re.compile(r"^images/samples[+%]step[+%](\d+)[+%]")
 
 
 class MlflowTracker:
     """training.Tracker for the active MLflow run, plus what the stages log."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, *, reopened: bool = False):
         self.run_id = run_id
+        # The steps already logged, per metric ("samples" for the images). MLflow keeps every point
+        # logged, so a resumed run that re-trains the epochs after its checkpoint would otherwise
+        # show them twice. Read from the store on first use when the run is reopened.
+        self._logged: dict[str, set[int]] | None = None if reopened else {}
+
+    def _logged_steps(self) -> dict[str, set[int]]:
+        if self._logged is None:
+            client = MlflowClient()
+            self._logged = {key: {m.step for m in client.get_metric_history(self.run_id, key)}
+                            for key in client.get_run(self.run_id).data.metrics}
+            images = client.list_artifacts(self.run_id, "images")
+            self._logged["samples"] = {int(m[1]) for a in images if (m := _SAMPLES_STEP.match(a.path))}
+        return self._logged
 
     def log_epoch(self, record: dict[str, float]) -> None:
         epoch = int(record["epoch"])
-        mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        logged = self._logged_steps()
+        new = {k: v for k, v in record.items() if k != "epoch" and epoch not in logged.get(k, ())}
+        if new:
+            mlflow.log_metrics(new, step=epoch)
+        for key in new:
+            logged.setdefault(key, set()).add(epoch)
 
     def log_samples(self, epoch: int, images: torch.Tensor) -> None:
-        # time-stepped images: the MLflow UI shows them with a slider over epochs
-        mlflow.log_image(image_grid(images), key="samples", step=epoch)
+        logged = self._logged_steps().setdefault("samples", set())
+        if epoch not in logged:
+            # time-stepped images: the MLflow UI shows them with a slider over epochs
+            mlflow.log_image(image_grid(images), key="samples", step=epoch)
+            logged.add(epoch)
 
     def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
         mlflow.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()

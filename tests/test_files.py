@@ -1,0 +1,56 @@
+"""Atomic outputs: a writer that fails or is killed mid-write leaves the previous file as it was."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mnist_gan.files import atomic_path, read_json, write_json
+
+
+def test_error_mid_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json(path, {"p_real": 0.5})
+
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(path) as tmp:
+        tmp.write_text('{"p_real": 0.')
+        raise RuntimeError("disk full")
+    assert read_json(path) == {"p_real": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_writer_killed_mid_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "generator.pt"
+    path.write_bytes(b"previous weights")
+    writer = (
+        "import sys, time\n"
+        "from mnist_gan.files import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    with open(tmp, 'wb') as f:\n"
+        "        f.write(b'half of the new wei')\n"
+        "        f.flush()\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert path.read_bytes() == b"previous weights"
+    # what a kill leaves: the hidden temporary file, under a name nothing reads
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p != path)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".generator.pt.") and leftovers[0].endswith(".tmp")
+
+
+def test_success_replaces_the_file_with_ordinary_permissions(tmp_path):
+    path = tmp_path / "out.json"
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2})
+    assert read_json(path) == {"a": 2}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

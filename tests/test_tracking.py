@@ -1,0 +1,122 @@
+"""MLflow tracking on a local SQLite store: failures end runs FAILED, resumed runs hold each epoch once."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mnist_gan import tracking
+from mnist_gan.tracking import TrackingError, open_run, open_training_run
+
+METRICS = ("p_real", "p_fake", "loss_d", "loss_g", "seconds")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def client(store, monkeypatch) -> MlflowClient:
+    """One SQLite store for the module (creating one takes seconds); artifacts under it too."""
+    for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(store)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(uri)
+
+
+def record(epoch: int) -> dict[str, float]:
+    return {"epoch": epoch, "p_real": 0.5 + epoch / 100, "p_fake": 0.5 - epoch / 100,
+            "loss_d": 1.0, "loss_g": 2.0, "seconds": 0.1}
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in METRICS}
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    steps["samples"] = sorted(int(tracking._SAMPLES_STEP.match(p)[1]) for p in images)
+    return steps
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_in_seconds_naming_it(monkeypatch):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"), open_run():
+        pytest.fail("the run must not start")
+    assert time.monotonic() - started < 5
+
+
+def test_an_error_ends_the_run_failed_with_the_reason(client, tiny_params):
+    with pytest.raises(ValueError), open_run(params=tiny_params, device="cpu") as tracker:
+        raise ValueError("lr too high")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "ValueError: lr too high"
+
+
+def test_sigterm_ends_the_run_failed_and_restores_the_handler(client, tiny_params):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="terminated by SIGTERM"), open_run(params=tiny_params) as tracker:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"] == "SystemExit: terminated by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resumed_run_holds_each_epoch_once(client, tiny_params):
+    """checkpoint_every=2: epoch 3 was logged after the last checkpoint (epoch 2), then the process
+    died; the resumed run re-trains epoch 3, and MLflow must not show it twice."""
+    images = torch.zeros(16, 784)
+    with pytest.raises(KeyboardInterrupt), open_training_run(tiny_params, "cpu", None) as tracker:
+        for epoch in (1, 2, 3):
+            tracker.log_epoch(record(epoch))
+            tracker.log_samples(epoch, images)
+        raise KeyboardInterrupt
+    run_id = tracker.run_id
+    assert client.get_run(run_id).data.tags["failure_reason"] == "KeyboardInterrupt"
+
+    checkpoint = {"run_id": run_id, "epoch": 2, "history": [record(1), record(2)],
+                  "samples": {1: images, 2: images}}
+    with open_training_run(tiny_params, "cpu", checkpoint) as tracker:
+        assert tracker.run_id == run_id
+        for epoch in (3, 4):
+            tracker.log_epoch(record(epoch))
+            tracker.log_samples(epoch, images)
+
+    assert logged_steps(client, run_id) == {key: [1, 2, 3, 4] for key in (*METRICS, "samples")}
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert "failure_reason" not in run.data.tags  # that attempt's failure is resolved
+    assert run.data.tags["resumed_after_epoch"] == "2"
+
+
+def test_resume_whose_run_is_gone_starts_a_new_run_with_the_checkpoint_epochs(client, tiny_params):
+    gone = "0" * 32
+    checkpoint = {"run_id": gone, "epoch": 2, "history": [record(1), record(2)],
+                  "samples": {2: torch.zeros(16, 784)}}
+    with open_training_run(tiny_params, "cpu", checkpoint) as tracker:
+        tracker.log_epoch(record(3))
+    assert tracker.run_id != gone
+    steps = logged_steps(client, tracker.run_id)
+    assert steps["p_real"] == [1, 2, 3] and steps["samples"] == [2]
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["resumed_from_missing_run"] == gone and run.data.params["lr"] == "0.0002"
+
+
+def test_check_run_names_a_missing_run_and_the_store(client):
+    with pytest.raises(TrackingError, match=r"MLflow run 1{32} is not in sqlite:///.*mlflow.db"):
+        tracking.check_run("1" * 32)
