@@ -41,13 +41,14 @@ MLFLOW_PORT ?= 5000
 
 .PHONY: sweep metrics-diff mlflow-server
 
+# waits for the queue, then shows what differs: params and metrics, not the outputs' hashes
 sweep: venv  ## run a grid of queued experiments, JOBS at a time: SWEEP='lr=0.0001,0.0004 seed=0,1'
 	dvc exp run --queue $(foreach s,$(SWEEP),-S '$(s)')
 	dvc queue start -j $(JOBS)
 	@echo "waiting for the queue (dvc queue logs NAME follows one experiment)"
 	@while dvc queue status | grep -qwE 'Queued|Running'; do sleep 10; done
 	dvc queue status
-	dvc exp show --no-pager --only-changed
+	dvc exp show --no-pager --only-changed --md --drop 'Created|Executor|mlflow_run_id|.*\.(pt|csv|json)$$'
 	@echo "compare the runs: python -m mnist_gan compare [--metric fid]"
 
 metrics-diff: venv  ## dvc metrics/params diff against git REV as Markdown; fails if ci.metric regressed

@@ -136,9 +136,17 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: list[tuple[str, int, int, int]],
-                seconds: float = 1.0) -> float:
+                seconds: float = 1.0, onednn: bool = False) -> float:
     """GFLOP/s of running `shapes` (one project training step's GEMMs, in the layouts nn.Linear
-    uses) back to back; the best of 3 timed rounds after a warm-up."""
+    uses) back to back; the best of 3 timed rounds after a warm-up.
+
+    `onednn`: the same GEMMs through oneDNN (CPU). PyTorch sends fp32 matmuls to MKL, which on
+    AMD CPUs runs its AVX2 code path; oneDNN uses AVX-512 there, so it shows what the machine can do.
+    """
+    mm = torch.mm
+    if onednn:
+        def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # a @ b as oneDNN's a @ (b^T)^T
+            return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     operands = []
     for kind, m, k, n in shapes:
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -149,11 +157,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, shapes: list[tuple[str
     def run_once() -> None:
         for kind, x, w, dy in operands:
             if kind == "fwd":
-                torch.mm(x, w.t())
+                mm(x, w.t())
             elif kind == "dgrad":
-                torch.mm(dy, w)
+                mm(dy, w)
             else:
-                torch.mm(dy.t(), x)
+                mm(dy.t(), x)
 
     run_once()
     sync(device)
@@ -451,8 +459,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     with OtherLoad() as others:
         rates = {p: matmul_rate(device, dtypes[p], shapes) for p in sorted(set(precisions) | {"fp32"})}
-    print("matmul rate at the GAN's GEMM shapes: "
-          + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items())
+        if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            rates["fp32_onednn"] = matmul_rate(device, torch.float32, shapes, onednn=True)
+    print("matmul rate at the GAN's GEMM shapes (torch.mm): "
+          + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items() if p in dtypes)
+          + (f"; fp32 through oneDNN: {rates['fp32_onednn']:.0f} GFLOP/s" if "fp32_onednn" in rates else "")
           + f" (CPU used elsewhere meanwhile: {others.share:.0%})")
 
     with tempfile.TemporaryDirectory(prefix="mnist-gan-bench-") as tmp:
@@ -511,6 +522,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "s/epoch over the row's; cpu s: this process's CPU seconds per epoch, and their ratio; "
           f"peak mem: {ref['peak_memory_kind']}; floor: the project's FLOPs at "
           "the matmul rate of the row's precision; busy: CPU used by other processes meanwhile")
+    if "fp32_onednn" in rates:
+        onednn_floor = flops["project"] / rates["fp32_onednn"] / 1e9
+        print(f"fp32 floor at oneDNN's rate: {onednn_floor:.2f} s/epoch "
+              f"(reference / that floor = {reference_seconds / onednn_floor:.1f}x)")
     if max([others.share] + [r["cpu_used_elsewhere"] for r in results]) > 0.1:
         print("WARNING: other processes used the CPU during the measurements: the absolute times are "
               "not this machine's; rerun on a quiet machine (or compare --threads 1 runs)")

@@ -243,10 +243,14 @@ def test_corrupt_source_file_fails_the_download_naming_it(baseline, tmp_path):
         assert snapshot(baseline) == before
         assert not list((baseline / paths.RAW_DIR).parent.glob(".raw.*"))  # nor any temporary copy
 
-        # under DVC, which deletes the stage's output first: the message says how to get it back
+        # under DVC, which deletes a stage's outputs before running it (unless they are `persist`):
+        # the message says what state data/MNIST/raw is in, and how to get it back if it is gone
         out, _ = run_failing(["dvc", "repro", "download"], baseline, pipeline_env())
         assert f"{damaged}: truncated or corrupt" in out
-        assert "`dvc checkout data/MNIST/raw` brings back the last good copy" in out
+        if (baseline / paths.RAW_DIR).exists():
+            assert "(left as it was)" in out
+        else:
+            assert "`dvc checkout data/MNIST/raw` brings back the last good copy" in out
         assert_none_half_written(baseline, before)
     finally:
         restore(baseline, before)
@@ -255,14 +259,20 @@ def test_corrupt_source_file_fails_the_download_naming_it(baseline, tmp_path):
 def test_typo_in_a_param_fails_before_any_work_naming_it(baseline):
     before = snapshot(baseline)
     try:
-        # `dvc exp run -S` itself refuses a key that is not in params.yaml, before running anything
+        # `dvc exp run -S` itself refuses a key that is not in params.yaml, before touching anything
         out, _ = run_failing(["dvc", "exp", "run", "-S", "lrr=0.1"], baseline, pipeline_env())
         assert "Could not override 'lrr'" in out
         assert snapshot(baseline) == before
-
-        # the same typo made in params.yaml: the train stage stops at its first line, suggesting 'lr'
+        # and `dvc repro` one that a stage lists, renamed by the typo (once it has removed the outputs)
         text = (baseline / "params.yaml").read_text()
         (baseline / "params.yaml").write_text(text.replace("\nlr: ", "\nlrr: "))
+        out, _ = run_failing(["dvc", "repro", "train"], baseline, pipeline_env())
+        assert "Parameters 'lr' are missing from 'params.yaml'" in out
+        assert_none_half_written(baseline, before)
+        restore(baseline, before)
+
+        # a typo DVC does not see (a key no stage lists) stops the train stage at its first line
+        edit_params(baseline, lrr=0.1, epochs=EPOCHS + 1)
         out, seconds = run_failing(["dvc", "repro", "train"], baseline, pipeline_env())
         assert "unknown key 'lrr' (did you mean 'lr'?)" in out
         assert not (baseline / paths.CHECKPOINT).exists() and seconds < 60
@@ -299,6 +309,9 @@ def test_nan_stops_training_keeps_the_checkpoint_and_fails_the_run(baseline, mon
     before = snapshot(baseline)
     for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
         monkeypatch.delenv(name)
+    # the repo's default store, set here because mlflow.set_tracking_uri() exports this variable:
+    # monkeypatch then removes it again afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{baseline / 'mlflow.db'}")
     monkeypatch.chdir(baseline)
     spec = importlib.util.spec_from_file_location("train_stage", baseline / "stages/train.py")
     stage = importlib.util.module_from_spec(spec)

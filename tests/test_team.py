@@ -63,19 +63,25 @@ def repo(tmp_path_factory) -> Path:
 
 def test_concurrent_runs_on_a_fresh_store(tmp_path):
     """Three processes open their first runs on a new mlflow.db at once: none may fail or be lost
-    (MLflow creates the schema without a lock; tracking.prepare_store serialises it)."""
+    (MLflow creates the schema without a lock; tracking.prepare_store serialises it). They run
+    as queued DVC experiments do: in a copy of the repo, with DVC_ROOT naming the repo."""
     script = ("from mnist_gan import tracking\n"
               "from mnist_gan.params import Params\n"
               "with tracking.open_run(params=Params()) as tracker:\n"
               "    for epoch in range(1, 21):\n"
               "        tracker.log_epoch({'epoch': epoch, 'p_real': 0.9, 'p_fake': 0.1})\n")
-    writers = [subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=pipeline_env(),
+    copy = tmp_path / ".dvc/tmp/exps/copy"
+    copy.mkdir(parents=True)
+    env = pipeline_env() | {"DVC_ROOT": str(tmp_path)}
+    writers = [subprocess.Popen([sys.executable, "-c", script], cwd=copy, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(3)]
     outputs = [writer.communicate(timeout=300)[0] for writer in writers]
     assert [w.returncode for w in writers] == [0, 0, 0], "\n".join(outputs)
     runs = finished_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    # artifacts beside the database, not in the copy (which DVC deletes)
+    assert all(r.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri()) for r in runs)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert all(len(client.get_metric_history(r.info.run_id, "p_fake")) == 20 for r in runs)
 

@@ -29,7 +29,6 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from mnist_gan.params import Params
-from mnist_gan.plotting import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +122,14 @@ def _experiment_id() -> str:
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    # With the default SQLite store MLflow would put artifacts under ./mlruns of the
-    # *current* directory, which for a queued DVC experiment is a temporary copy.
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else (repo_root() / "mlruns").as_uri()
+    # A SQLite store would put artifacts under ./mlruns of the *current* directory, which for
+    # a queued DVC experiment is a temporary copy: keep them beside the database instead (for
+    # the default store, <repo root>/mlruns). Judged by the URI, not by MLFLOW_TRACKING_URI
+    # being set: mlflow.set_tracking_uri() sets that variable itself.
+    uri = mlflow.get_tracking_uri()
+    location = None  # a server or another database: its own artifact root
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
     try:
         return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
     except mlflow.exceptions.MlflowException:
@@ -261,6 +265,10 @@ class MlflowTracker:
     def log_samples(self, epoch: int, images: torch.Tensor) -> None:
         logged = self._logged_steps().setdefault("samples", set())
         if epoch not in logged:
+            # imported here: matplotlib and torchvision take seconds, and a stage that fails fast
+            # (unreachable store) or never logs images (evaluate) should not wait for them
+            from mnist_gan.plotting import image_grid
+
             # time-stepped images: the MLflow UI shows them with a slider over epochs
             mlflow.log_image(image_grid(images), key="samples", step=epoch)
             logged.add(epoch)
@@ -276,4 +284,7 @@ class MlflowTracker:
         """The final generator as an MLflow model: z [N, d_noise] -> images [N, 784] in [-1, 1]."""
         generator = generator.cpu().eval()
         example = np.zeros((2, generator.d_noise), dtype=np.float32)
-        mlflow.pytorch.log_model(generator, name="generator", input_example=example)
+        # MLflow's own requirements for a PyTorch model (torch, cloudpickle): inferring them instead
+        # re-imports the model in a subprocess, about 7 s at the end of every training run
+        mlflow.pytorch.log_model(generator, name="generator", input_example=example,
+                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements())
