@@ -19,6 +19,8 @@ def main() -> None:
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
     tracking.check_run(run_id)  # fail before the work, not when logging it
     history = pd.read_csv(paths.HISTORY)
+    evaluation = read_json(paths.EVAL_METRICS)
+    classes = [evaluation[f"class_{digit}"] for digit in range(10)]
     samples = torch.load(paths.SAMPLES, weights_only=True)
     generator = load_model(paths.GENERATOR, device)
     test_images = load_images(paths.RAW_DIR, train=False, device=device)
@@ -31,6 +33,7 @@ def main() -> None:
         "d_scores.png": lambda path: plotting.plot_d_scores(history, path),
         "samples.png": lambda path: plotting.plot_sample_grids(samples, path),
         "real_vs_fake.png": lambda path: plotting.plot_real_vs_fake(real, fake, path),
+        "class_histogram.png": lambda path: plotting.plot_class_histogram(classes, path),
     }
     with tracking.open_run(run_id) as tracker:
         for name, draw in figures.items():

@@ -71,13 +71,18 @@ def client(repo) -> MlflowClient:
 
 def test_outputs_and_metrics(repo):
     for name in ("data/MNIST/raw/train-images-idx3-ubyte", "models/generator.pt", "models/discriminator.pt",
-                 "plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png"):
+                 "models/classifier.pt", "plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png",
+                 "plots/class_histogram.png"):
         assert (repo / name).stat().st_size > 0, name
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["epochs"] == 2 and train["device"] == "cpu"
     assert 0 < train["p_real"] < 1 and 0 < train["p_fake"] < 1
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert 0 < evaluation["p_real"] < 1 and 0 < evaluation["p_fake"] < 1
+    assert evaluation["fid"] > evaluation["fid_floor"] >= 0
+    assert 0 <= evaluation["recall"] <= 1 and 0 <= evaluation["classes_covered"] <= 10
+    assert abs(sum(evaluation[f"class_{k}"] for k in range(10)) - 1) < 1e-4
+    assert 0 <= json.loads((repo / "metrics/classifier.json").read_text())["accuracy"] <= 1
     history = pd.read_csv(repo / "metrics/history.csv")
     assert list(history.columns) == ["epoch", "p_real", "p_fake", "loss_d", "loss_g", "seconds"]
     assert history["epoch"].tolist() == [1, 2]
@@ -91,9 +96,10 @@ def test_mlflow_run(repo, client):
     assert mlflow_run.data.params["lr"] == "0.0002" and mlflow_run.data.params["eval.n_samples"] == "200"
     assert mlflow_run.data.tags["device"] == "cpu" and len(mlflow_run.data.tags["git_commit"]) == 40
     assert [m.step for m in client.get_metric_history(run_id, "p_real")] == [1, 2]
-    assert "eval/p_fake" in mlflow_run.data.metrics
+    assert {"eval/p_fake", "eval/fid", "eval/recall", "eval/coverage"} <= set(mlflow_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert artifacts == {"plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png"}
+    assert artifacts == {"plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png",
+                         "plots/class_histogram.png"}
     assert any(a.path.startswith("images") for a in client.list_artifacts(run_id))  # sample grids
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     generator = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
@@ -107,7 +113,7 @@ def test_second_repro_does_nothing(repo):
 
 def test_exp_run_reruns_train_evaluate_plot_only(repo, client):
     out = run(["dvc", "exp", "run", "-S", "lr=0.0001", "-n", "slower-lr"], repo, pipeline_env())
-    assert "Running stage 'download'" not in out
+    assert "Running stage 'download'" not in out and "Running stage 'train_classifier'" not in out
     for stage in ("train", "evaluate", "plot"):
         assert f"Running stage '{stage}'" in out
     runs = client.search_runs([client.get_experiment_by_name("mnist-gan").experiment_id])

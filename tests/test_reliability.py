@@ -100,17 +100,26 @@ def train_pid(repo: Path) -> int | None:
     return None
 
 
-def checkpoint_epoch(repo: Path) -> int | None:
+def checkpoint_epoch(repo: Path) -> int:
     try:  # mmap: only the pickle is read, not the tensors
         return torch.load(repo / paths.CHECKPOINT, mmap=True, weights_only=True)["epoch"]
     except FileNotFoundError:
-        return None
+        return 0
 
 
 def signal_after_checkpoint(repo: Path, proc: subprocess.Popen, epoch: int, signum: int) -> str:
     """Once the train stage has checkpointed `epoch`, send it `signum`; the command's output."""
-    while (checkpoint_epoch(repo) or 0) < epoch:
+    seen = None
+    while True:
         assert proc.poll() is None, f"ended before the checkpoint of epoch {epoch}:\n{proc.stdout.read()}"
+        try:  # each checkpoint is a new file: read one only when it appears
+            stat = (repo / paths.CHECKPOINT).stat()
+        except FileNotFoundError:
+            stat = None
+        if stat and (stat.st_ino, stat.st_mtime_ns) != seen:
+            seen = stat.st_ino, stat.st_mtime_ns
+            if checkpoint_epoch(repo) >= epoch:
+                break
         time.sleep(0.02)
     os.kill(train_pid(repo), signum)
     out, _ = proc.communicate(timeout=120)

@@ -65,8 +65,8 @@ def check_reachable(uri: str) -> None:
                 response.read()
         except (urllib.error.URLError, OSError) as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({err}); start it, or unset "
-                "MLFLOW_TRACKING_URI to use the local store (mlflow.db)") from None
+                f"MLflow tracking server {uri} is unreachable ({err}); start it (`make mlflow-server`), "
+                "or unset MLFLOW_TRACKING_URI to use the local store (mlflow.db)") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
