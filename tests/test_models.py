@@ -1,6 +1,6 @@
 import torch
 
-from mnist_gan.models import Discriminator, Generator, load_model, save_model
+from mnist_gan.models import Discriminator, Generator, Linear, load_model, save_model
 
 
 def test_shapes_and_output_range():
@@ -41,3 +41,18 @@ def test_save_and_load_rebuild_the_same_model(tmp_path):
     z = torch.randn(3, 8)
     assert isinstance(loaded, Generator) and not loaded.training
     assert torch.equal(loaded(z), generator(z))
+
+
+def test_onednn_linear_equals_nn_linear_in_value_and_gradients():
+    torch.manual_seed(0)
+    fast, reference = Linear(50, 30), torch.nn.Linear(50, 30)
+    reference.load_state_dict(fast.state_dict())
+    x1 = torch.randn(64, 50, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    grad = torch.randn(64, 30)
+    fast(x1).backward(grad)
+    reference(x2).backward(grad)
+    torch.testing.assert_close(fast(x1), reference(x2))
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(fast.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(fast.bias.grad, reference.bias.grad)

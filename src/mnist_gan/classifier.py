@@ -34,14 +34,15 @@ class Classifier(nn.Module):
 
     def __init__(self, dropout: float = 0.25):
         super().__init__()
-        # three 3x3 conv blocks halve the image each time; ~7.5 M multiply-adds per image
+        # three 3x3 conv blocks, each halving the image; ~7.5 M multiply-adds per image.
+        # Batch norm: ~99.3 % after 3 epochs (without it 99.0-99.15 %, too close to the 99 % bar).
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # [B, 32, 14, 14]
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # [B, 64, 7, 7]
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [B, 128, 3, 3]
-            nn.Flatten(),                                                   # [B, 1152]
+            *_conv_block(1, 32),    # [B, 32, 14, 14]
+            *_conv_block(32, 64),   # [B, 64, 7, 7]
+            *_conv_block(64, 128),  # [B, 128, 3, 3]
+            nn.Flatten(),           # [B, 1152]
             nn.Dropout(dropout),
-            nn.Linear(128 * 3 * 3, N_FEATURES), nn.ReLU(),                  # [B, 128]: the features
+            nn.Linear(128 * 3 * 3, N_FEATURES), nn.ReLU(),  # [B, 128]: the features
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(N_FEATURES, N_CLASSES))
 
@@ -50,6 +51,11 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    # pooling before the ReLU is the same function (max commutes with ReLU) on 4x fewer values
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.MaxPool2d(2), nn.ReLU()]
 
 
 @torch.no_grad()
@@ -76,8 +82,8 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
     """Train on (train_x [N, 784] in [-1, 1], train_y [N]); return (model in eval mode, test accuracy).
 
     Adam on shuffled tensor batches (no DataLoader: the data is already decoded), seeded by
-    `cp.seed`. The defaults (3 epochs, batch 128, lr 1e-3) reach ~99.15 % on MNIST in about a
-    minute on 2 CPU cores.
+    `cp.seed`. The defaults (3 epochs, batch 128, lr 1e-3) reach ~99.3 % on MNIST in one to a
+    few minutes on 2 CPU cores.
     """
     torch.manual_seed(cp.seed)  # weights and dropout draw from the global RNG, so seed it
     shuffle = torch.Generator().manual_seed(cp.seed)
