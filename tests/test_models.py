@@ -56,3 +56,12 @@ def test_onednn_linear_equals_nn_linear_in_value_and_gradients():
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(fast.weight.grad, reference.weight.grad)
     torch.testing.assert_close(fast.bias.grad, reference.bias.grad)
+
+
+def test_generator_exports_for_mlflow_pt2_format(tmp_path):
+    # MLflow 3 logs PyTorch models with torch.export; the oneDNN path must not end up in the graph
+    generator = Generator().eval()
+    exported = torch.export.export(generator, (torch.zeros(2, 100),))
+    torch.export.save(exported, tmp_path / "generator.pt2")
+    z = torch.randn(2, 100)
+    torch.testing.assert_close(torch.export.load(tmp_path / "generator.pt2").module()(z), generator(z))

@@ -43,8 +43,10 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state_dict) that uses oneDNN for CPU fp32 batches."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # eager CPU fp32 only: torch.export/compile (e.g. MLflow's pt2 model format) trace F.linear
         if (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.dim() == 2 and not torch.is_autocast_enabled("cpu")):
+                and x.dim() == 2 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
             return _OneDnnLinearFn.apply(x, self.weight, self.bias)
         return super().forward(x)
 
