@@ -161,7 +161,8 @@ def test_pipeline_logs_to_a_tracking_server(repo, mlflow_server):
     assert [m.step for m in client.get_metric_history(run_id, "p_real")] == [1, 2]
     assert "eval/p_fake" in served.data.metrics
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert plots == {"plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png"}
+    assert plots == {"plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png",
+                     "plots/class_histogram.png"}
     # artifacts went through the server into its store, runs into its database
     assert served.info.artifact_uri.startswith("mlflow-artifacts:")
     assert any((repo / "mlflow-server/mlartifacts").rglob("d_scores.png"))
