@@ -41,10 +41,13 @@ MLFLOW_PORT ?= 5000
 
 .PHONY: sweep metrics-diff mlflow-server
 
+# each worker gets cores / JOBS threads: parallel jobs with a thread per core each thrash the CPU
+SWEEP_THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
+
 # waits for the queue, then shows what differs: params and metrics, not the outputs' hashes
 sweep: venv  ## run a grid of queued experiments, JOBS at a time: SWEEP='lr=0.0001,0.0004 seed=0,1'
 	dvc exp run --queue $(foreach s,$(SWEEP),-S '$(s)')
-	dvc queue start -j $(JOBS)
+	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc queue start -j $(JOBS)
 	@echo "waiting for the queue (dvc queue logs NAME follows one experiment)"
 	@while dvc queue status | grep -qwE 'Queued|Running'; do sleep 10; done
 	dvc queue status
