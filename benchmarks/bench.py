@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"native bf16: {info['native_bf16']}")
 
     # (1) matmul rate at the GAN's shapes: the GEMMs of one project training step
-    shapes = step_gemms("project", params.batch_size, params.d_noise, params.d_hidden)
+    shapes = step_gemms("project", params.batch_size, params.d_noise, params.width)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     with OtherLoad() as others:
         rates = {p: matmul_rate(device, dtypes[p], shapes) for p in sorted(set(precisions) | {"fp32"})}
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"data: {data_kind}; {n_train} train / {n_test} test, batch {params.batch_size}; "
               f"{args.epochs} timed epochs per loop after 1 warm-up epoch")
         flops = {loop: epoch_flops(loop, n_train, n_test, params.batch_size, params.d_noise,
-                                   params.d_hidden) for loop in ("reference", "project")}
+                                   params.width) for loop in ("reference", "project")}
         print(f"FLOPs per epoch (training + evaluation): reference {flops['reference'] / 1e9:.0f} GFLOP, "
               f"project {flops['project'] / 1e9:.0f} GFLOP")
 

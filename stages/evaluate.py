@@ -6,12 +6,12 @@ import torch
 
 from mnist_gan import paths, tracking
 from mnist_gan.classifier import load_classifier
-from mnist_gan.data import load_images
+from mnist_gan.data import load_images, load_labelled
 from mnist_gan.files import read_json, write_json
 from mnist_gan.models import load_model
 from mnist_gan.params import load_params, resolve_device
 from mnist_gan.quality import quality_metrics
-from mnist_gan.training import d_scores, sample
+from mnist_gan.training import d_scores, latents, sample
 
 N_FLOOR = 10_000  # real training images scored against the test set: the FID of perfect samples
 
@@ -24,16 +24,23 @@ def main() -> None:
     generator = load_model(paths.GENERATOR, device)
     discriminator = load_model(paths.DISCRIMINATOR, device)
     classifier = load_classifier(paths.CLASSIFIER, device)
-    test_images = load_images(paths.RAW_DIR, train=False, device=device)
+    trained = load_model(paths.GENERATOR, device, trained=True)  # None unless the generator is an EMA
+    test_images, test_labels = load_labelled(paths.RAW_DIR, train=False, device=device)
     floor_images = load_images(paths.RAW_DIR, train=True, device=device)[:N_FLOOR]
 
-    # a fixed seed for z: the same generator always gets the same numbers
-    rng = torch.Generator(device).manual_seed(params.eval.seed)
-    p_real, p_fake = d_scores(generator, discriminator, test_images, params.eval.n_samples, rng=rng)
-    fake = sample(generator, torch.randn(params.eval.n_samples, generator.d_noise, device=device,
-                                         generator=rng))
+    # a fixed seed for z (and labels): the same generator always gets the same numbers
+    def rng() -> torch.Generator:
+        return torch.Generator(device).manual_seed(params.eval.seed)
+
+    p_real, p_fake = d_scores(generator, discriminator, test_images, params.eval.n_samples,
+                              real_labels=test_labels, rng=rng())
+    fake = sample(generator, *latents(generator, params.eval.n_samples, device, rng()))
     metrics = {"p_real": p_real, "p_fake": p_fake,
                **quality_metrics(classifier, fake, test_images, floor_real=floor_images)}
+    if trained is not None:
+        # what the EMA buys: the same metric for the trained weights it averages
+        fake = sample(trained, *latents(trained, params.eval.n_samples, device, rng()))
+        metrics["fid_without_ema"] = quality_metrics(classifier, fake, test_images)["fid"]
     # rounded: equal models give byte-identical JSON, and diffs stay readable
     metrics = {key: round(value, 6) for key, value in metrics.items()}
     write_json(paths.EVAL_METRICS, metrics)

@@ -10,7 +10,7 @@ from mnist_gan.data import load_images
 from mnist_gan.files import read_json
 from mnist_gan.models import load_model
 from mnist_gan.params import load_params
-from mnist_gan.training import N_FIXED_NOISE, sample
+from mnist_gan.training import N_FIXED_NOISE, latents, sample
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
 
     rng = torch.Generator().manual_seed(params.eval.seed)
     real = test_images[torch.randperm(len(test_images), generator=rng)[:N_FIXED_NOISE]]
-    fake = sample(generator, torch.randn(N_FIXED_NOISE, generator.d_noise, generator=rng))
+    fake = sample(generator, *latents(generator, N_FIXED_NOISE, device, rng))
 
     figures = {
         "d_scores.png": lambda path: plotting.plot_d_scores(history, path),

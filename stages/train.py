@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from mnist_gan import checkpoint, paths, tracking
-from mnist_gan.data import load_images
+from mnist_gan.data import load_labelled
 from mnist_gan.files import atomic_path, write_json
 from mnist_gan.models import save_model
 from mnist_gan.params import load_params, resolve_device
@@ -22,13 +22,15 @@ def main() -> None:
     device = resolve_device(params.device)
     tracking.check_reachable(tracking.tracking_uri())  # fail before loading data or training
     resume = checkpoint.load(paths.CHECKPOINT, params)
-    train_images = load_images(paths.RAW_DIR, train=True, device=device)
-    test_images = load_images(paths.RAW_DIR, train=False, device=device)
+    train_images, train_labels = load_labelled(paths.RAW_DIR, train=True, device=device)
+    test_images, test_labels = load_labelled(paths.RAW_DIR, train=False, device=device)
 
     with tracking.open_training_run(params, str(device), resume) as tracker:
-        result = train(params, train_images, test_images, device, tracker=tracker,
-                       checkpoint_path=paths.CHECKPOINT, resume=resume)
-        save_model(result.generator, paths.GENERATOR)
+        result = train(params, train_images, test_images, device, train_labels=train_labels,
+                       test_labels=test_labels, tracker=tracker, checkpoint_path=paths.CHECKPOINT,
+                       resume=resume)
+        # the generator evaluate and generate use: the EMA average when on, with the trained weights kept
+        save_model(result.sampler, paths.GENERATOR, trained=None if result.ema is None else result.generator)
         save_model(result.discriminator, paths.DISCRIMINATOR)
         with atomic_path(paths.SAMPLES) as tmp:
             torch.save(result.samples, tmp)
@@ -45,7 +47,7 @@ def main() -> None:
             "mlflow_run_id": tracker.run_id,
         })
         tracker.log_artifact(paths.HISTORY)
-        tracker.log_generator(result.generator)
+        tracker.log_generator(result.sampler, paths.GENERATOR)
     paths.CHECKPOINT.unlink(missing_ok=True)
 
 

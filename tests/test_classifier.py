@@ -9,6 +9,7 @@ from __future__ import annotations
 import runpy
 
 import torch
+import yaml
 
 from mnist_gan.classifier import N_FEATURES, Classifier, load_classifier, save_classifier, train_classifier
 from mnist_gan.data import to_model_input
@@ -69,7 +70,9 @@ def test_training_is_seeded():
 
 def test_stage_writes_the_weights_and_the_accuracy(tmp_path, monkeypatch):
     write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")
-    (tmp_path / "params.yaml").write_text("device: cpu\nclassifier: {epochs: 1, batch_size: 32, lr: 0.003}\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params |= {"device": "cpu", "classifier": {"epochs": 1, "batch_size": 32, "lr": 0.003}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(REPO / "stages" / "train_classifier.py"))["main"]()
 

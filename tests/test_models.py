@@ -35,7 +35,7 @@ def test_init_ranges():
 
 
 def test_save_and_load_rebuild_the_same_model(tmp_path):
-    generator = Generator(d_noise=8, d_hidden=16, dropout=0.2).eval()
+    generator = Generator(d_noise=8, width=16, dropout=0.2).eval()
     save_model(generator, tmp_path / "g.pt")
     loaded = load_model(tmp_path / "g.pt", torch.device("cpu"))
     z = torch.randn(3, 8)

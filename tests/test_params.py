@@ -14,7 +14,7 @@ def _raw() -> dict:
 
 def test_repo_params_match_the_tutorial():
     params = load_params(REPO / "params.yaml")
-    assert (params.lr, params.batch_size, params.epochs, params.d_noise, params.d_hidden) == (
+    assert (params.lr, params.batch_size, params.epochs, params.d_noise, params.width) == (
         2e-4, 200, 200, 100, 256)
     assert params.loss == "paper" and params.dropout == 0.1
 

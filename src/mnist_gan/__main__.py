@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from mnist_gan import tracking
 from mnist_gan.compare import CompareError
+from mnist_gan.generate import GenerateError
 from mnist_gan.metrics_diff import MetricsDiffError
 from mnist_gan.params import ParamsError
+from mnist_gan.registry import PromoteError
 
 # failures a user can fix: one line on stderr, exit status 2, no traceback
-USER_ERRORS = (CompareError, MetricsDiffError, ParamsError, tracking.TrackingError)
+USER_ERRORS = (CompareError, GenerateError, MetricsDiffError, ParamsError, PromoteError,
+               tracking.TrackingError)
 
 
 def compare_command(args: argparse.Namespace) -> int:
@@ -39,6 +43,30 @@ def metrics_diff_command(args: argparse.Namespace) -> int:
     if not verdict.ok:
         print(f"metrics-diff: {verdict.message.replace('**', '').replace('`', '')}", file=sys.stderr)
     return 0 if verdict.ok else 1
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from mnist_gan.generate import check_output, generate, resolve_generator, write_samples
+
+    check_output(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = generate(resolve_generator(args.model, device), args.n, args.seed, args.digit)
+    write_samples(images, args.out)
+    what = "random digits" if args.digit is None else f"digit {args.digit}"
+    print(f"wrote {args.out}: {args.n} samples ({what}, seed {args.seed}) of {args.model}")
+    return 0
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    from mnist_gan import paths
+    from mnist_gan.files import read_json
+    from mnist_gan.registry import promote
+
+    run_id = args.run_id or read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
+    print(promote(run_id).message)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--new", help="revision or experiment to judge (default: the workspace)")
     diff.add_argument("--metric", help="gate on this metric instead of ci.metric")
     diff.set_defaults(run=metrics_diff_command)
+
+    gen = commands.add_parser(
+        "generate", help="samples of a trained generator as a PNG grid or a .npy array",
+        description="Write N samples of a generator given as a local file, an MLflow run or a "
+                    "registered model alias. The same model and seed give the same images.")
+    gen.add_argument("--model", default="models/generator.pt",
+                     help="models/generator.pt (default), runs:/<run id> or models:/mnist-gan@champion")
+    gen.add_argument("-n", "--n", type=int, default=64, help="number of samples (default: 64)")
+    gen.add_argument("--digit", type=int, choices=range(10), metavar="0-9",
+                     help="the digit to draw (conditional models: model=cgan)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of z and labels (default: 0)")
+    gen.add_argument("--out", type=Path, default=Path("samples.png"),
+                     help="a .png grid or a .npy uint8 array [N, 28, 28] (default: samples.png)")
+    gen.set_defaults(run=generate_command)
+
+    prom = commands.add_parser(
+        "promote", help="register a run's generator; make it the champion if its FID is lower",
+        description="Register the run's generator as a version of mnist-gan in the MLflow Model "
+                    "Registry and move the alias 'champion' to it only when its eval/fid beats the "
+                    "current champion's.")
+    prom.add_argument("--run", dest="run_id",
+                      help="MLflow run id (default: the workspace's, from metrics/train.json)")
+    prom.set_defaults(run=promote_command)
     return parser
 
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def save(path: Path, *, params: Params, epoch: int, generator: torch.nn.Module,
          discriminator: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
          history: list[dict[str, float]], samples: dict[int, torch.Tensor],
-         fixed_noise: torch.Tensor, run_id: str | None) -> None:
+         fixed_noise: torch.Tensor, run_id: str | None, ema: torch.nn.Module | None = None) -> None:
     state = {
         "params": params.training_key(),
         "epoch": epoch,
@@ -35,6 +35,7 @@ def save(path: Path, *, params: Params, epoch: int, generator: torch.nn.Module,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "run_id": run_id,
+        "ema": None if ema is None else ema.state_dict(),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -62,9 +63,12 @@ def load(path: Path, params: Params) -> dict[str, Any] | None:
 
 
 def restore(state: dict[str, Any], generator: torch.nn.Module, discriminator: torch.nn.Module,
-            opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, device: torch.device) -> int:
-    """Load weights, optimiser moments and RNG state; returns the epoch to continue after."""
+            opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, device: torch.device,
+            ema: torch.nn.Module | None = None) -> int:
+    """Load weights (and their EMA), optimiser moments and RNG state; returns the epoch to continue after."""
     generator.load_state_dict(state["generator"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     discriminator.load_state_dict(state["discriminator"])
     opt_g.load_state_dict(state["opt_g"])
     opt_d.load_state_dict(state["opt_d"])

@@ -327,7 +327,13 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return (images.reshape(len(images), -1).float() / 255 - 0.5) / 0.5
 
 
+def load_labelled(raw_dir: str | Path, train: bool,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split decoded once onto `device`: the model's input [N, 784] in [-1, 1] and the labels [N]."""
+    images, labels = load_split(raw_dir, train)
+    return to_model_input(images).to(device), labels.to(device)
+
+
 def load_images(raw_dir: str | Path, train: bool, device: torch.device) -> torch.Tensor:
     """A split's images decoded once, as the model's input [N, 784] in [-1, 1] on `device`."""
-    images, _ = load_split(raw_dir, train)
-    return to_model_input(images).to(device)
+    return load_labelled(raw_dir, train, device)[0]

@@ -1,8 +1,13 @@
-"""The tutorial's vanilla GAN: two MLPs over flattened 28x28 images.
+"""The generator and discriminator of each preset (params `model`).
 
-The discriminator returns *logits*; D(x) = sigmoid(logit). The model is the
-tutorial's (its last layer is Linear(256, 1) -> Sigmoid), with the sigmoid moved
-into the losses so they can be computed in a numerically stable form.
+- mlp: the tutorial's vanilla GAN, two MLPs over flattened 28x28 images;
+- dcgan: small convolutional nets for 28x28 (Radford et al. 2015);
+- cgan: the dcgan nets conditioned on the digit's label.
+
+Every net takes and returns flat images [B, 784] in [-1, 1], and `labels` [B]
+(int64 digits) when conditional. Discriminators return *logits*;
+D(x) = sigmoid(logit): the tutorial's last Sigmoid is moved into the losses so
+they can be computed in a numerically stable form.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from mnist_gan.files import atomic_path
 
 IMAGE_SIZE = 28 * 28
+N_CLASSES = 10
 
 # PyTorch sends CPU fp32 matmuls to MKL, which on AMD CPUs takes a slower non-AVX-512 path;
 # oneDNN (bundled with PyTorch) computes the same products about 2x faster there. No public
@@ -52,15 +58,18 @@ class Linear(nn.Linear):
 
 
 class Generator(nn.Module):
-    """z [B, d_noise] -> image [B, 784] in [-1, 1]."""
+    """mlp: z [B, d_noise] -> image [B, 784] in [-1, 1]."""
 
-    def __init__(self, d_noise: int = 100, d_hidden: int = 256, dropout: float = 0.1):
+    n_classes = 0  # unconditional
+
+    def __init__(self, d_noise: int = 100, width: int = 256, dropout: float = 0.1):
         super().__init__()
         self.d_noise = d_noise
+        self.config = {"d_noise": d_noise, "width": width, "dropout": dropout}
         self.net = nn.Sequential(
-            Linear(d_noise, d_hidden), nn.ReLU(), nn.Dropout(dropout),
-            Linear(d_hidden, d_hidden), nn.ReLU(), nn.Dropout(dropout),
-            Linear(d_hidden, IMAGE_SIZE), nn.Tanh(),
+            Linear(d_noise, width), nn.ReLU(), nn.Dropout(dropout),
+            Linear(width, width), nn.ReLU(), nn.Dropout(dropout),
+            Linear(width, IMAGE_SIZE), nn.Tanh(),
         )
         init_weights(self)
 
@@ -69,19 +78,87 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image [B, 784] -> logit [B] of the probability that the image is real."""
+    """mlp: image [B, 784] -> logit [B] of the probability that the image is real."""
 
-    def __init__(self, d_hidden: int = 256, dropout: float = 0.1):
+    n_classes = 0
+
+    def __init__(self, width: int = 256, dropout: float = 0.1):
         super().__init__()
+        self.config = {"width": width, "dropout": dropout}
         self.net = nn.Sequential(
-            Linear(IMAGE_SIZE, d_hidden), nn.LeakyReLU(0.01), nn.Dropout(dropout),
-            Linear(d_hidden, d_hidden), nn.LeakyReLU(0.01), nn.Dropout(dropout),
-            Linear(d_hidden, 1),
+            Linear(IMAGE_SIZE, width), nn.LeakyReLU(0.01), nn.Dropout(dropout),
+            Linear(width, width), nn.LeakyReLU(0.01), nn.Dropout(dropout),
+            Linear(width, 1),
         )
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
+
+
+class ConvGenerator(nn.Module):
+    """dcgan/cgan: z [B, d_noise] (and labels [B] if n_classes) -> image [B, 784] in [-1, 1].
+
+    z is projected to 2w x 7 x 7, then two stride-2 transposed convs upsample to 14x14
+    (w channels) and 28x28 (1 channel); batch norm and ReLU in between, Tanh out. When
+    conditional, z is first scaled elementwise by the label's learnt embedding, so
+    every digit gets its own region of the latent space at no extra width.
+    """
+
+    def __init__(self, d_noise: int = 100, width: int = 32, n_classes: int = 0):
+        super().__init__()
+        self.d_noise, self.n_classes = d_noise, n_classes
+        self.config = {"d_noise": d_noise, "width": width, "n_classes": n_classes}
+        self.embed = nn.Embedding(n_classes, d_noise) if n_classes else None
+        self.project = nn.Sequential(
+            nn.Linear(d_noise, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7), nn.ReLU(),
+            nn.Unflatten(1, (2 * width, 7, 7)))
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1), nn.Tanh(), nn.Flatten())
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, 1.0, 0.02)  # start near "no conditioning"
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = z * self.embed(_required(labels))
+        return self.upsample(self.project(z))
+
+
+class ConvDiscriminator(nn.Module):
+    """dcgan/cgan: image [B, 784] (and labels [B] if n_classes) -> logit [B].
+
+    Two stride-2 convs (w, 2w channels) with LeakyReLU(0.2), then a linear logit.
+    When conditional, the logit gains the inner product of the features with the
+    label's embedding: the projection discriminator (Miyato & Koyama 2018).
+    """
+
+    def __init__(self, width: int = 32, n_classes: int = 0):
+        super().__init__()
+        self.n_classes = n_classes
+        self.config = {"width": width, "n_classes": n_classes}
+        self.features = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Flatten())
+        self.logit = nn.Linear(2 * width * 7 * 7, 1)
+        self.embed = nn.Embedding(n_classes, 2 * width * 7 * 7) if n_classes else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)  # start as the unconditional D
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x)
+        logit = self.logit(h).squeeze(-1)
+        if self.embed is not None:
+            logit = logit + (self.embed(_required(labels)) * h).sum(-1)
+        return logit
+
+
+def _required(labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is None:
+        raise ValueError("this model is conditional: pass the digits' labels")
+    return labels
 
 
 def init_weights(model: nn.Module) -> None:
@@ -93,28 +170,44 @@ def init_weights(model: nn.Module) -> None:
             nn.init.uniform_(p, 0.1, 0.2)
 
 
-def build_models(d_noise: int, d_hidden: int, dropout: float,
-                 device: torch.device) -> tuple[Generator, Discriminator]:
-    return (Generator(d_noise, d_hidden, dropout).to(device),
-            Discriminator(d_hidden, dropout).to(device))
+GeneratorModel = Generator | ConvGenerator
+DiscriminatorModel = Discriminator | ConvDiscriminator
+_CLASSES = {cls.__name__: cls for cls in (Generator, Discriminator, ConvGenerator, ConvDiscriminator)}
 
 
-def save_model(model: Generator | Discriminator, path: Path) -> None:
-    """Weights plus the constructor arguments, so the file alone rebuilds the model."""
-    if isinstance(model, Generator):
-        config = {"kind": "generator", "d_noise": model.d_noise, "d_hidden": model.net[0].out_features,
-                  "dropout": model.net[2].p}
+def build_models(model: str, d_noise: int, width: int, dropout: float,
+                 device: torch.device) -> tuple[GeneratorModel, DiscriminatorModel]:
+    """The preset's generator and discriminator (params `model`, validated)."""
+    if model == "mlp":
+        pair = Generator(d_noise, width, dropout), Discriminator(width, dropout)
     else:
-        config = {"kind": "discriminator", "d_hidden": model.net[0].out_features, "dropout": model.net[2].p}
+        n_classes = N_CLASSES if model == "cgan" else 0
+        pair = ConvGenerator(d_noise, width, n_classes), ConvDiscriminator(width, n_classes)
+    return pair[0].to(device), pair[1].to(device)
+
+
+def save_model(model: GeneratorModel | DiscriminatorModel, path: Path,
+               trained: nn.Module | None = None) -> None:
+    """The class, constructor arguments and weights, so the file alone rebuilds the model.
+
+    `trained`: when `model` is an average of weights (EMA), the trained model it
+    averages, kept alongside so evaluate can show what the average buys.
+    """
+    state = {"class": type(model).__name__, "config": model.config, "state_dict": model.state_dict()}
+    if trained is not None:
+        state["trained_state_dict"] = trained.state_dict()
     with atomic_path(path) as tmp:
-        torch.save({"config": config, "state_dict": model.state_dict()}, tmp)
+        torch.save(state, tmp)
 
 
-def load_model(path: Path, device: torch.device) -> Generator | Discriminator:
-    """A model saved by save_model, in eval mode on `device`."""
+def load_model(path: Path, device: torch.device, *,
+               trained: bool = False) -> GeneratorModel | DiscriminatorModel | None:
+    """A model saved by save_model, in eval mode on `device`. `trained=True`: the trained
+    weights behind an EMA average instead, or None when the file holds no average."""
     state = torch.load(path, map_location=device, weights_only=True)
-    config = dict(state["config"])
-    cls = {"generator": Generator, "discriminator": Discriminator}[config.pop("kind")]
-    model = cls(**config).to(device)
-    model.load_state_dict(state["state_dict"])
+    key = "trained_state_dict" if trained else "state_dict"
+    if key not in state:
+        return None
+    model = _CLASSES[state["class"]](**state["config"]).to(device)
+    model.load_state_dict(state[key])
     return model.eval()

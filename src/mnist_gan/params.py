@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 
+MODELS = ("mlp", "dcgan", "cgan")
 LOSSES = ("paper", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -59,14 +60,36 @@ class CiParams:
 
 
 @dataclass(frozen=True)
+class PresetParams:
+    """One column of params.yaml's `presets`: the training defaults of one model."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    beta1: float    # Adam's first beta (second stays 0.999)
+    ema: float      # decay of the generator's weight average; 0: off
+    width: int      # mlp: hidden units; dcgan/cgan: channels of D's first conv (G mirrors it)
+    dropout: float
+
+
+# the keys a preset sets; the same key at the top level of params.yaml overrides it unless null
+PRESET_KEYS = tuple(f.name for f in dataclasses.fields(PresetParams))
+
+
+@dataclass(frozen=True)
 class Params:
+    """The resolved params: the chosen preset's values with the top-level overrides applied."""
+
+    model: str = "mlp"
     seed: int = 0
     epochs: int = 200
     batch_size: int = 200
     lr: float = 2e-4
-    d_noise: int = 100
-    d_hidden: int = 256
+    beta1: float = 0.9
+    ema: float = 0.0
+    width: int = 256
     dropout: float = 0.1
+    d_noise: int = 100
     loss: str = "paper"
     device: str = "auto"
     precision: str = "fp32"
@@ -115,8 +138,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
-    """Build and validate Params from a plain mapping (as read from YAML)."""
-    params = _build(Params, raw, prefix="")
+    """Build and validate Params from a plain mapping (as read from YAML).
+
+    `model` picks a column of `presets`; a preset key also set (non-null) at the
+    top level overrides the preset's value, so `dvc exp run -S lr=0.0001` works
+    for every model and `-S model=dcgan` brings the dcgan defaults along.
+    """
+    raw = dict(raw)
+    presets = raw.pop("presets", None)
+    if not isinstance(presets, dict) or not presets:
+        raise ParamsError("'presets' must map each model name to its defaults (see params.yaml)")
+    model = raw.get("model", Params.model)
+    _check(model in presets, "model", model, f"must be one of {', '.join(presets)} (the keys of 'presets')")
+    for name, values in presets.items():
+        _check(name in MODELS, f"presets.{name}", name, f"must be one of {', '.join(MODELS)}")
+        if not isinstance(values, dict) or set(values) != set(PRESET_KEYS):
+            raise ParamsError(f"'presets.{name}' must set exactly {', '.join(PRESET_KEYS)}")
+        _build(PresetParams, values, prefix=f"presets.{name}.")  # types of every preset, not only the chosen
+    overrides = {key: value for key, value in raw.items() if not (key in PRESET_KEYS and value is None)}
+    params = _build(Params, presets[model] | overrides, prefix="")
     _validate(params)
     return params
 
@@ -162,7 +202,9 @@ def _validate(p: Params) -> None:
     _check(p.batch_size >= 1, "batch_size", p.batch_size, "must be an integer >= 1")
     _check(0 < p.lr < 1, "lr", p.lr, "must be in (0, 1), e.g. 0.0002")
     _check(p.d_noise >= 1, "d_noise", p.d_noise, "must be an integer >= 1")
-    _check(p.d_hidden >= 1, "d_hidden", p.d_hidden, "must be an integer >= 1")
+    _check(0 <= p.beta1 < 1, "beta1", p.beta1, "must be in [0, 1), e.g. 0.5 or 0.9")
+    _check(p.ema == 0 or 0.5 <= p.ema < 1, "ema", p.ema, "must be 0 (off) or in [0.5, 1), e.g. 0.999")
+    _check(p.width >= 1, "width", p.width, "must be an integer >= 1")
     _check(0 <= p.dropout < 1, "dropout", p.dropout, "must be in [0, 1)")
     _check(p.loss in LOSSES, "loss", p.loss, f"must be one of {', '.join(LOSSES)}")
     _check(p.device in DEVICES, "device", p.device, f"must be one of {', '.join(DEVICES)}")

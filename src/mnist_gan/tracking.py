@@ -26,13 +26,16 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.entities import RunStatus
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
 from mnist_gan.params import Params
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "mnist-gan"
+GENERATOR_MODEL = "generator"  # the logged model's name: runs:/<run id>/generator
 
 
 class TrackingError(RuntimeError):
@@ -280,11 +283,21 @@ class MlflowTracker:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def log_generator(self, generator: torch.nn.Module) -> None:
-        """The final generator as an MLflow model: z [N, d_noise] -> images [N, 784] in [-1, 1]."""
+    def log_generator(self, generator: torch.nn.Module, path: Path) -> None:
+        """The generator as an MLflow model named "generator": z [N, d_noise] (and labels [N] int64
+        when conditional) -> images [N, 784] in [-1, 1]; `path`, its save_model file, rides along
+        in the model's extra_files, so `mnist_gan generate` rebuilds it from any model URI."""
         generator = generator.cpu().eval()
-        example = np.zeros((2, generator.d_noise), dtype=np.float32)
+        inputs = [TensorSpec(np.dtype(np.float32), (-1, generator.d_noise), "z")]
+        example = (np.zeros((2, generator.d_noise), dtype=np.float32),)
+        if generator.n_classes:
+            inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "labels"))
+            example += (np.arange(2, dtype=np.int64),)
+        # pt2 (torch.export) needs a tensor signature; MLflow infers one only for a single input
+        signature = ModelSignature(inputs=Schema(inputs),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28 * 28))]))
         # MLflow's own requirements for a PyTorch model (torch, cloudpickle): inferring them instead
         # re-imports the model in a subprocess, about 7 s at the end of every training run
-        mlflow.pytorch.log_model(generator, name="generator", input_example=example,
+        mlflow.pytorch.log_model(generator, name=GENERATOR_MODEL, input_example=example,
+                                 signature=signature, extra_files=[str(path)],
                                  pip_requirements=mlflow.pytorch.get_default_pip_requirements())
