@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -123,3 +124,24 @@ def test_exp_run_reruns_train_evaluate_plot_only(repo, client):
     assert latest.info.run_name == "slower-lr"
     shown = run(["dvc", "exp", "show", "--json"], repo, pipeline_env())
     assert "slower-lr" in shown
+
+
+@pytest.mark.parametrize("model", ["dcgan", "cgan"])
+def test_presets_and_ema_run_end_to_end(repo, client, model):
+    out = run(["dvc", "exp", "run", "-S", f"model={model}", "-S", "ema=0.9", "-n", model], repo,
+              pipeline_env())
+    assert "Running stage 'train_classifier'" not in out  # the judge stays the same
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluation["fid"] > 0 and evaluation["fid_without_ema"] > 0  # what the average buys
+    run_id = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+    logged = client.get_run(run_id).data
+    assert logged.params["model"] == model and logged.params["ema"] == "0.9"
+    assert logged.params["beta1"] == "0.5" and logged.tags["dvc_exp_name"] == model
+
+    if model == "cgan":  # the first promotion in this store: the workspace's run becomes the champion
+        out = run([sys.executable, "-m", "mnist_gan", "promote"], repo, pipeline_env())
+        assert f"promoted: version 1 (run {run_id}" in out
+        out = run([sys.executable, "-m", "mnist_gan", "generate", "--model", "models:/mnist-gan@champion",
+                   "-n", "8", "--digit", "7", "--out", "sevens.npy"], repo, pipeline_env())
+        assert "wrote sevens.npy: 8 samples (digit 7" in out
+        assert np.load(repo / "sevens.npy").shape == (8, 28, 28)

@@ -46,24 +46,30 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(params, images, tmp_path):
+@pytest.mark.parametrize("preset", [{}, {"model": "cgan", "width": 8, "ema": 0.9, "batch_size": 100}],
+                         ids=["mlp", "cgan-ema"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(params, images, tmp_path, preset):
     path = tmp_path / "ckpt.pt"
-    uninterrupted = train(params, *images, CPU)
+    params = dataclasses.replace(params, **preset)
+    gen = torch.Generator().manual_seed(1)
+    labels = {"train_labels": torch.randint(10, (600,), generator=gen),
+              "test_labels": torch.randint(10, (100,), generator=gen)}
+    uninterrupted = train(params, *images, CPU, **labels)
 
     def crash_in_epoch_3(epoch, step):
         if epoch == 3 and step == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(params, *images, CPU, checkpoint_path=path, on_step=crash_in_epoch_3)
+        train(params, *images, CPU, checkpoint_path=path, on_step=crash_in_epoch_3, **labels)
     state = checkpoint.load(path, params)
     assert state["epoch"] == 2
-    resumed = train(params, *images, CPU, checkpoint_path=path, resume=state)
+    resumed = train(params, *images, CPU, checkpoint_path=path, resume=state, **labels)
 
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     for key in ("p_real", "p_fake", "loss_d", "loss_g"):
         assert [r[key] for r in resumed.history] == [r[key] for r in uninterrupted.history]
-    for model in ("generator", "discriminator"):
+    for model in ("generator", "discriminator", "sampler"):
         for x, y in zip(getattr(resumed, model).state_dict().values(),
                         getattr(uninterrupted, model).state_dict().values(), strict=True):
             assert torch.equal(x, y)

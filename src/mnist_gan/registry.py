@@ -57,7 +57,7 @@ def promote(run_id: str) -> Promotion:
     if fid is None:
         raise PromoteError(f"run {run_id} has no {METRIC}: run the evaluate stage (dvc repro) first")
     version = _version_of(client, run_id) or mlflow.register_model(
-        f"runs:/{run_id}/{tracking.GENERATOR_MODEL}", REGISTERED_MODEL, tags={"fid": str(fid)}).version
+        _generator_uri(client, run), REGISTERED_MODEL, tags={"fid": str(fid)}).version
     champion = _champion(client)
     if champion is not None:
         champion_version, best = champion
@@ -71,6 +71,18 @@ def promote(run_id: str) -> Promotion:
     before = "no champion before" if champion is None else f"was version {champion[0]}, fid {champion[1]:.4g}"
     return Promotion(True, f"promoted: version {version} (run {run_id}, fid {fid:.4g}) is "
                            f"models:/{REGISTERED_MODEL}@{ALIAS} ({before})", version)
+
+
+def _generator_uri(client: MlflowClient, run: mlflow.entities.Run) -> str:
+    """models:/<model id> of the generator the train stage logged to `run` (MLflow 3 keeps logged
+    models apart from run artifacts; naming it avoids MLflow's fallback warning for runs:/ URIs)."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    logged = [client.get_logged_model(o.model_id) for o in sorted(outputs, key=lambda o: o.step)]
+    generators = [m for m in logged if m.name == tracking.GENERATOR_MODEL]
+    if not generators:
+        raise PromoteError(f"run {run.info.run_id} has no logged '{tracking.GENERATOR_MODEL}' model: "
+                           "it did not finish the train stage")
+    return f"models:/{generators[-1].model_id}"
 
 
 def _version_of(client: MlflowClient, run_id: str) -> str | None:

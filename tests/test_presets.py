@@ -1,0 +1,161 @@
+"""The model presets (params `model`), the generator EMA, and conditional label plumbing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from mnist_gan.classifier import train_classifier
+from mnist_gan.data import to_model_input
+from mnist_gan.models import ConvGenerator, build_models, load_model, save_model
+from mnist_gan.params import ParamsError, parse_params
+from mnist_gan.quality import quality_metrics
+from mnist_gan.training import latents, sample, train
+from tests.conftest import REPO, synthetic_digits
+
+CPU = torch.device("cpu")
+
+
+def _raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = synthetic_digits(n, seed)
+    return to_model_input(torch.from_numpy(images)), torch.from_numpy(labels.astype("int64"))
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, torch.Tensor]:
+    (x, y), (tx, ty) = _data(400, 0), _data(100, 1)
+    return {"train_images": x, "train_labels": y, "test_images": tx, "test_labels": ty}
+
+
+def test_model_brings_its_preset_and_top_level_values_override_it():
+    raw = _raw()
+    mlp = parse_params(raw)
+    assert (mlp.model, mlp.epochs, mlp.beta1, mlp.ema, mlp.width) == ("mlp", 200, 0.9, 0.0, 256)
+    cgan = parse_params(raw | {"model": "cgan"})
+    assert dataclasses.asdict(cgan) | {"model": "mlp"} != dataclasses.asdict(mlp)
+    preset = raw["presets"]["cgan"]
+    assert (cgan.epochs, cgan.batch_size, cgan.beta1, cgan.ema) == (
+        preset["epochs"], preset["batch_size"], preset["beta1"], preset["ema"])
+    # `dvc exp run -S lr=0.0001` overrides the lr of whichever preset is chosen
+    assert parse_params(raw | {"model": "dcgan", "lr": 0.0001}).lr == 0.0001
+    assert parse_params(raw | {"ema": 0.999}).ema == 0.999
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, dcgan, cgan"),
+    ({"ema": 1.0}, r"'ema' = 1.0 is invalid"),
+    ({"beta1": -0.5}, r"'beta1' = -0.5 is invalid"),
+    ({"presets": None}, r"'presets' must map each model name"),
+])
+def test_bad_model_params_are_clear_errors(change, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params(_raw() | change)
+
+
+def test_a_preset_missing_a_key_or_with_a_wrong_type_is_named():
+    raw = _raw()
+    raw["presets"]["dcgan"] = {k: v for k, v in raw["presets"]["dcgan"].items() if k != "lr"}
+    with pytest.raises(ParamsError, match=r"'presets.dcgan' must set exactly epochs, batch_size, lr"):
+        parse_params(raw)
+    raw = _raw()
+    raw["presets"]["cgan"]["epochs"] = "many"
+    with pytest.raises(ParamsError, match=r"'presets.cgan.epochs' must be int"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan", "cgan"])
+def test_each_preset_trains_and_evaluates(model, data, tiny_params):
+    params = dataclasses.replace(tiny_params, model=model, epochs=2, batch_size=50, width=8, ema=0.9)
+    result = train(params, device=CPU, **data)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(0 < r["p_real"] < 1 and 0 < r["p_fake"] < 1 for r in result.history)
+    assert result.sampler is result.ema and result.samples[2].shape == (16, 784)
+    assert isinstance(result.sampler, ConvGenerator) == (model != "mlp")
+    classifier, _ = train_classifier(data["train_images"], data["train_labels"], data["test_images"],
+                                     data["test_labels"], tiny_params.classifier, CPU)
+    fake = sample(result.sampler, *latents(result.sampler, 200, CPU, torch.Generator().manual_seed(0)))
+    metrics = quality_metrics(classifier, fake, data["test_images"])
+    assert metrics["fid"] > 0 and 0 <= metrics["recall"] <= 1 and 1 <= metrics["classes_covered"] <= 10
+
+
+def test_ema_is_the_average_of_the_trained_weights(data, tiny_params):
+    params = dataclasses.replace(tiny_params, model="dcgan", epochs=1, batch_size=50, width=8, ema=0.5)
+    result = train(params, device=CPU, **data)
+    averaged, trained = result.ema.state_dict(), result.generator.state_dict()
+    assert set(averaged) == set(trained)  # batch-norm statistics are averaged too
+    assert not torch.equal(averaged["project.0.weight"], trained["project.0.weight"])
+    off = train(dataclasses.replace(params, ema=0.0), device=CPU, **data)
+    assert off.ema is None and off.sampler is off.generator
+    # the trained weights do not depend on whether an average is kept
+    assert torch.equal(off.generator.state_dict()["project.0.weight"], trained["project.0.weight"])
+
+
+def test_saved_ema_generator_keeps_the_trained_weights(tmp_path):
+    averaged, _ = build_models("cgan", 100, 8, 0.0, CPU)
+    trained, _ = build_models("cgan", 100, 8, 0.0, CPU)
+    save_model(averaged, tmp_path / "g.pt", trained=trained)
+    z, labels = torch.randn(4, 100), torch.tensor([0, 3, 7, 9])
+    loaded = load_model(tmp_path / "g.pt", CPU)
+    torch.testing.assert_close(loaded(z, labels), averaged.eval()(z, labels))
+    torch.testing.assert_close(load_model(tmp_path / "g.pt", CPU, trained=True)(z, labels),
+                               trained.eval()(z, labels))
+    save_model(averaged, tmp_path / "plain.pt")
+    assert load_model(tmp_path / "plain.pt", CPU, trained=True) is None
+
+
+def test_cgan_discriminator_sees_each_image_with_its_label(data, tiny_params, monkeypatch):
+    """Label plumbing: real images go to D with their own labels, fakes with the labels G drew them for."""
+    params = dataclasses.replace(tiny_params, model="cgan", epochs=1, batch_size=50, width=8, ema=0.0)
+    seen = []
+    forward = ConvGenerator.forward
+
+    def generator_forward(self, z, labels=None):
+        seen.append(("g", labels.clone()))
+        return forward(self, z, labels)
+
+    monkeypatch.setattr(ConvGenerator, "forward", generator_forward)
+    from mnist_gan.models import ConvDiscriminator
+    d_forward = ConvDiscriminator.forward
+
+    def discriminator_forward(self, x, labels=None):
+        seen.append(("d", x.detach().clone(), labels.clone()))
+        return d_forward(self, x, labels)
+
+    monkeypatch.setattr(ConvDiscriminator, "forward", discriminator_forward)
+    train(params, device=CPU, **data)
+    g_labels, d_call = seen[0][1], seen[1]  # the first D step: G draws fakes, D judges real + fake
+    _, images, labels = d_call
+    m = len(g_labels)
+    for image, label in zip(images[:m], labels[:m], strict=True):  # real half: the dataset's own label
+        row = (data["train_images"] == image).all(1).nonzero()[0, 0]
+        assert label == data["train_labels"][row]
+    assert torch.equal(labels[m:], g_labels)  # fake half: the labels G was given
+    assert len(set(g_labels.tolist())) > 1  # uniform random digits, not one class
+
+
+def test_conditional_generator_depends_on_the_label_and_requires_it():
+    generator, discriminator = build_models("cgan", 100, 8, 0.0, CPU)
+    torch.nn.init.normal_(generator.embed.weight)
+    generator.eval()
+    z = torch.randn(1, 100).expand(2, 100)
+    images = generator(z, torch.tensor([1, 7]))
+    assert not torch.allclose(images[0], images[1])
+    with pytest.raises(ValueError, match="conditional: pass the digits' labels"):
+        generator(z)
+    with pytest.raises(ValueError, match="conditional: pass the digits' labels"):
+        discriminator(images)
+    z, labels = latents(generator, 5, CPU, torch.Generator().manual_seed(0), digit=7)
+    assert labels.tolist() == [7] * 5
+
+
+def test_asking_an_unconditional_generator_for_a_digit_is_a_clear_error():
+    generator, _ = build_models("dcgan", 100, 8, 0.0, CPU)
+    with pytest.raises(ValueError, match="unconditional .* train model=cgan"):
+        latents(generator, 5, CPU, digit=3)
