@@ -101,28 +101,27 @@ class ConvGenerator(nn.Module):
 
     z is projected to 2w x 7 x 7, then two stride-2 transposed convs upsample to 14x14
     (w channels) and 28x28 (1 channel); batch norm and ReLU in between, Tanh out. When
-    conditional, z is first scaled elementwise by the label's learnt embedding, so
-    every digit gets its own region of the latent space at no extra width.
+    conditional, the label's learnt embedding is appended to z (Mirza & Osindero 2014).
+    Appended, not multiplied: a product let training shrink z's scale per digit
+    (measured: most embedding entries fell below 0.3), which cost sample diversity.
     """
 
     def __init__(self, d_noise: int = 100, width: int = 32, n_classes: int = 0):
         super().__init__()
         self.d_noise, self.n_classes = d_noise, n_classes
         self.config = {"d_noise": d_noise, "width": width, "n_classes": n_classes}
-        self.embed = nn.Embedding(n_classes, d_noise) if n_classes else None
+        self.embed = nn.Embedding(n_classes, n_classes) if n_classes else None
         self.project = nn.Sequential(
-            nn.Linear(d_noise, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7), nn.ReLU(),
-            nn.Unflatten(1, (2 * width, 7, 7)))
+            nn.Linear(d_noise + n_classes, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7),
+            nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)))
         self.upsample = nn.Sequential(
             nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(width), nn.ReLU(),
             nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1), nn.Tanh(), nn.Flatten())
-        if self.embed is not None:
-            nn.init.normal_(self.embed.weight, 1.0, 0.02)  # start near "no conditioning"
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
-            z = z * self.embed(_required(labels))
+            z = torch.cat([z, self.embed(_required(labels))], dim=1)
         return self.upsample(self.project(z))
 
 
