@@ -159,3 +159,14 @@ def test_asking_an_unconditional_generator_for_a_digit_is_a_clear_error():
     generator, _ = build_models("dcgan", 100, 8, 0.0, CPU)
     with pytest.raises(ValueError, match="unconditional .* train model=cgan"):
         latents(generator, 5, CPU, digit=3)
+
+
+def test_cgan_samples_digits_with_the_training_sets_class_frequencies(data, tiny_params):
+    params = dataclasses.replace(tiny_params, model="cgan", epochs=1, batch_size=50, width=8, ema=0.9)
+    skewed = data | {"train_labels": torch.where(data["train_labels"] < 5, 0, data["train_labels"])}
+    result = train(params, device=CPU, **skewed)
+    expected = torch.bincount(skewed["train_labels"], minlength=10) / len(skewed["train_labels"])
+    for generator in (result.generator, result.sampler):
+        assert torch.equal(generator.label_prior, expected)
+    _, labels = latents(result.sampler, 20_000, CPU, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.bincount(labels, minlength=10) / 20_000, expected, atol=0.01, rtol=0)

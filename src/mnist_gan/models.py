@@ -111,6 +111,10 @@ class ConvGenerator(nn.Module):
         self.d_noise, self.n_classes = d_noise, n_classes
         self.config = {"d_noise": d_noise, "width": width, "n_classes": n_classes}
         self.embed = nn.Embedding(n_classes, n_classes) if n_classes else None
+        if n_classes:
+            # p(y) of the training set, set by training and saved with the weights: what
+            # "a random digit" means when sampling (training.random_labels)
+            self.register_buffer("label_prior", torch.full((n_classes,), 1 / n_classes))
         self.project = nn.Sequential(
             nn.Linear(d_noise + n_classes, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7),
             nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)))
