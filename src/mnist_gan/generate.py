@@ -10,6 +10,7 @@ generator's metadata (noise size, whether it is conditional).
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def resolve_generator(source: str, device: torch.device) -> GeneratorModel:
     if uri.startswith("runs:/") and uri.count("/") == 1:
         uri = f"{uri}/{tracking.GENERATOR_MODEL}"  # runs:/<id> means the run's generator
     mlflow.set_tracking_uri(tracking.tracking_uri())
+    # a few small files: MLflow's per-download progress bars would only clutter the output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)

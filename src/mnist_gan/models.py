@@ -132,19 +132,20 @@ class ConvGenerator(nn.Module):
 class ConvDiscriminator(nn.Module):
     """dcgan/cgan: image [B, 784] (and labels [B] if n_classes) -> logit [B].
 
-    Two stride-2 convs (w, 2w channels) with LeakyReLU(0.2), then a linear logit.
-    When conditional, the logit gains the inner product of the features with the
-    label's embedding: the projection discriminator (Miyato & Koyama 2018).
+    Two stride-2 convs (w, 2w channels) with LeakyReLU(0.2) and dropout, then a linear
+    logit. When conditional, the logit gains the inner product of the features with
+    the label's embedding: the projection discriminator (Miyato & Koyama 2018).
     """
 
-    def __init__(self, width: int = 32, n_classes: int = 0):
+    def __init__(self, width: int = 32, n_classes: int = 0, dropout: float = 0.0):
         super().__init__()
         self.n_classes = n_classes
-        self.config = {"width": width, "n_classes": n_classes}
+        self.config = {"width": width, "n_classes": n_classes, "dropout": dropout}
         self.features = nn.Sequential(
             nn.Unflatten(1, (1, 28, 28)),
-            nn.Conv2d(1, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Flatten())
+            nn.Conv2d(1, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Dropout(dropout),
+            nn.Flatten())
         self.logit = nn.Linear(2 * width * 7 * 7, 1)
         self.embed = nn.Embedding(n_classes, 2 * width * 7 * 7) if n_classes else None
         if self.embed is not None:
@@ -185,7 +186,7 @@ def build_models(model: str, d_noise: int, width: int, dropout: float,
         pair = Generator(d_noise, width, dropout), Discriminator(width, dropout)
     else:
         n_classes = N_CLASSES if model == "cgan" else 0
-        pair = ConvGenerator(d_noise, width, n_classes), ConvDiscriminator(width, n_classes)
+        pair = ConvGenerator(d_noise, width, n_classes), ConvDiscriminator(width, n_classes, dropout)
     return pair[0].to(device), pair[1].to(device)
 
 
