@@ -102,7 +102,8 @@ def test_promote_moves_the_champion_only_on_improvement_and_generate_follows(sto
     assert promote(first).promoted and champion_run() == first
     result = promote(worse)
     assert not result.promoted and "does not beat" in result.message and champion_run() == first
-    assert not promote(first).promoted  # already the champion: nothing registered twice
+    result = promote(first)  # already the champion: nothing registered twice
+    assert not result.promoted and "is already the champion" in result.message
     assert main(["promote", "--run", better]) == 0
     assert "promoted: version 3" in capsys.readouterr().out and champion_run() == better
     assert main(["promote", "--run", unevaluated]) == 2

@@ -61,7 +61,7 @@ def promote(run_id: str) -> Promotion:
     champion = _champion(client)
     if champion is not None:
         champion_version, best = champion
-        if champion_version == version:
+        if str(champion_version) == str(version):
             return Promotion(False, f"version {version} (run {run_id}) is already the {ALIAS}, "
                                     f"fid {best:.4g}", version)
         if fid >= best:
