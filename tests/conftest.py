@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from mnist_gan.params import Params, load_params
 
@@ -34,6 +37,18 @@ def write_synthetic_mnist(raw_dir: Path, n_train: int = 1000, n_test: int = 200)
         write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
     return raw_dir
+
+
+def use_mlflow_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    """Point MLflow (and the project's tracking_uri) at a SQLite store in `folder`, run from there,
+    with no MLFLOW_/DVC_ variables of the calling shell leaking in."""
+    for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(folder)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
 
 
 @pytest.fixture

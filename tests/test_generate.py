@@ -3,7 +3,6 @@ only on improvement. A real SQLite-backed MLflow store in a temp dir."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -17,6 +16,7 @@ from mnist_gan.__main__ import main
 from mnist_gan.models import build_models, load_model, save_model
 from mnist_gan.registry import ALIAS, REGISTERED_MODEL, promote
 from mnist_gan.tracking import MlflowTracker
+from tests.conftest import use_mlflow_store
 
 CPU = torch.device("cpu")
 
@@ -71,13 +71,7 @@ def test_generate_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> MlflowClient:
-    for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    return use_mlflow_store(tmp_path, monkeypatch)
 
 
 def _logged_run(tmp_path: Path, seed: int, fid: float | None) -> tuple[str, Path]:

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_gan import tracking
 from mnist_gan.tracking import TrackingError, open_run, open_training_run
+from tests.conftest import use_mlflow_store
 
 METRICS = ("p_real", "p_fake", "loss_d", "loss_g", "seconds")
 
@@ -23,12 +24,7 @@ def store(tmp_path_factory):
 @pytest.fixture
 def client(store, monkeypatch) -> MlflowClient:
     """One SQLite store for the module (creating one takes seconds); artifacts under it too."""
-    for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(store)
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return MlflowClient(uri)
+    return use_mlflow_store(store, monkeypatch)
 
 
 def record(epoch: int) -> dict[str, float]:
