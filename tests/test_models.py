@@ -1,6 +1,8 @@
+import pytest
 import torch
+from torch import nn
 
-from mnist_gan.models import Discriminator, Generator, Linear, load_model, save_model
+from mnist_gan.models import MLP, Discriminator, Generator, dropout_keep, load_model, save_model
 
 
 def test_shapes_and_output_range():
@@ -43,19 +45,64 @@ def test_save_and_load_rebuild_the_same_model(tmp_path):
     assert torch.equal(loaded(z), generator(z))
 
 
-def test_onednn_linear_equals_nn_linear_in_value_and_gradients():
+def _forward_backward(forward, model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    out = forward(x)
+    out.backward(grad)
+    return out, x.grad, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("net", ["generator", "discriminator"])
+def test_fused_path_equals_nn_sequential_in_value_and_gradients(net):
+    # eval mode: no dropout, so the fused oneDNN layers must compute exactly nn.Sequential's function
     torch.manual_seed(0)
-    fast, reference = Linear(50, 30), torch.nn.Linear(50, 30)
-    reference.load_state_dict(fast.state_dict())
-    x1 = torch.randn(64, 50, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
-    grad = torch.randn(64, 30)
-    fast(x1).backward(grad)
-    reference(x2).backward(grad)
-    torch.testing.assert_close(fast(x1), reference(x2))
-    torch.testing.assert_close(x1.grad, x2.grad)
-    torch.testing.assert_close(fast.weight.grad, reference.weight.grad)
-    torch.testing.assert_close(fast.bias.grad, reference.bias.grad)
+    model = (Generator(d_noise=100) if net == "generator" else Discriminator()).net.eval()
+    x = torch.randn(64, model[0].in_features)
+    grad = torch.randn(64, model[-2 if net == "generator" else -1].out_features)
+    fused = _forward_backward(model, model, x, grad)
+    plain = _forward_backward(lambda x: nn.Sequential.forward(model, x), model, x, grad)
+    for got, expected in zip([fused[0], fused[1], *fused[2]], [plain[0], plain[1], *plain[2]], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.LeakyReLU(0.01), nn.Tanh()])
+def test_fused_dropout_layer_applies_its_mask_forward_and_backward(activation):
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 30)
+    block = MLP(linear, activation, nn.Dropout(0.25)).train()
+    x, grad = torch.randn(50, 20), torch.randn(50, 30)
+    torch.manual_seed(1)
+    fused = _forward_backward(block, block, x, grad)
+    torch.manual_seed(1)  # the same draw: the mask is the block's first use of the RNG
+    keep = dropout_keep((50, 30), 0.25, torch.float32, torch.device("cpu"))
+    plain = _forward_backward(lambda x: activation(linear(x)) * keep, block, x, grad)
+    for got, expected in zip([fused[0], fused[1], *fused[2]], [plain[0], plain[1], *plain[2]], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_keeps_one_minus_p_and_scales_like_nn_dropout(p):
+    torch.manual_seed(0)
+    keep = dropout_keep((1000, 1000), p, torch.float32, torch.device("cpu"))
+    assert keep.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    assert (keep == 0).float().mean().item() == pytest.approx(p, abs=0.002)
+    assert keep.mean().item() == pytest.approx(1.0, abs=0.005)  # E[dropout(x)] = x, as nn.Dropout
+    # neighbouring elements come from the same int64 draw: they must still be independent
+    dropped = (keep == 0).flatten().float()
+    both = (dropped[0::4] * dropped[1::4]).mean().item()
+    assert both == pytest.approx(p * p, abs=0.003)
+
+
+def test_bf16_autocast_runs_the_fused_layers_in_bf16():
+    torch.manual_seed(0)
+    model = Discriminator().net.eval()
+    x = torch.randn(64, 784)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(x)
+        plain = nn.Sequential.forward(model, x)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.05, atol=0.05)
 
 
 def test_generator_exports_for_mlflow_pt2_format(tmp_path):

@@ -12,6 +12,7 @@ they can be computed in a numerically stable form.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,39 +23,95 @@ from mnist_gan.files import atomic_path
 IMAGE_SIZE = 28 * 28
 N_CLASSES = 10
 
-# PyTorch sends CPU fp32 matmuls to MKL, which on AMD CPUs takes a slower non-AVX-512 path;
-# oneDNN (bundled with PyTorch) computes the same products about 2x faster there. No public
-# API routes nn.Linear's training matmuls to oneDNN, hence the small autograd Function below.
+# The MLPs' fast CPU path. Measured on the 2-core AMD machine (benchmarks/bench.py):
+# - PyTorch sends CPU fp32 matmuls to MKL, which on AMD CPUs takes a slower non-AVX-512 path;
+#   oneDNN (bundled with PyTorch) computes the same products about 2x faster there.
+# - oneDNN applies the activation to the product's output in registers (a "post-op"); a separate
+#   torch.tanh over G's [200, 784] output costs more than the product itself.
+# - nn.Dropout draws each element with bernoulli_ (~4.7 ns an element, 29 % of an epoch);
+#   16 random bits an element, cut out of full-range int64 draws, cost ~0.7 ns.
+# No public API does these for training (torch.compile did not beat eager on CPU), hence this
+# small autograd Function, used for eager CPU batches in fp32 or under bf16 autocast. Elsewhere
+# (CUDA, torch.export for MLflow's pt2 format) the same modules run as a plain nn.Sequential.
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_aten = torch.ops.aten
+
+PostOp = tuple[str, list[float], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]
 
 
-class _OneDnnLinearFn(torch.autograd.Function):
-    """y = x @ w.T + b with every product (forward and backward) computed by oneDNN."""
+def _post_op(activation: nn.Module | None) -> PostOp:
+    """oneDNN's post-op for `activation` and its backward, computed from the activation's output."""
+    if activation is None:
+        return "none", [], None
+    if isinstance(activation, nn.ReLU):
+        return "relu", [], lambda grad, y: _aten.threshold_backward(grad, y, 0)
+    if isinstance(activation, nn.LeakyReLU):
+        slope = activation.negative_slope
+        return "leaky_relu", [slope], lambda grad, y: _aten.leaky_relu_backward(grad, y, slope, True)
+    return "tanh", [], _aten.tanh_backward
+
+
+_FUSED_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
+
+
+class _DenseFn(torch.autograd.Function):
+    """act(x @ w.T + b) * keep with oneDNN for every product and the activation fused into the
+    forward one; `keep` is the dropout mask already scaled by 1 / (1 - p), or None."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return _onednn_linear(x, weight, bias, "none", [], "")
+    def forward(ctx, x, weight, bias, post_op: PostOp, keep):
+        name, scalars, ctx.act_backward = post_op
+        y = _onednn_linear(x, weight, bias, name, scalars, "")
+        ctx.save_for_backward(x, weight, y, keep)
+        return y if keep is None else y * keep
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad):
+        x, weight, y, keep = ctx.saved_tensors
+        if keep is not None:
+            grad = grad * keep
+        if ctx.act_backward is not None:
+            grad = ctx.act_backward(grad, y)
         grad_x = _onednn_linear(grad, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
         grad_w = _onednn_linear(grad.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None, None
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) that uses oneDNN for CPU fp32 batches."""
+def dropout_keep(shape: tuple[int, int], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """nn.Dropout's mask times 1 / (1 - p): each element kept with probability 1 - p, where p is
+    rounded to a multiple of 1/65536 (0.1 -> 6554/65536 = 0.100006). Draws from the global RNG."""
+    n = shape[0] * shape[1]
+    # every bit of a full-range int64 draw is uniform: 4 int16 values per draw
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    keep = torch.empty(shape, dtype=dtype, device=device)
+    torch.ge(bits.view(torch.int16)[:n].view(shape), -2**15 + round(p * 2**16), out=keep)
+    return keep.mul_(1 / (1 - p))
+
+
+class MLP(nn.Sequential):
+    """nn.Sequential of Linear [activation] [Dropout] blocks (the modules and state_dict of
+    nn.Sequential); on CPU each block runs as one _DenseFn, in bf16 under bf16 autocast."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # eager CPU fp32 only: torch.export/compile (e.g. MLflow's pt2 model format) trace F.linear
-        if (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.dim() == 2 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()):
-            return _OneDnnLinearFn.apply(x, self.weight, self.bias)
-        return super().forward(x)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        else:
+            dtype = x.dtype
+        if not (_onednn_linear is not None and x.device.type == "cpu" and x.dim() == 2
+                and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+            return super().forward(x)
+        x = x.to(dtype)
+        modules = list(self)
+        while modules:
+            linear = modules.pop(0)
+            activation = modules.pop(0) if modules and isinstance(modules[0], _FUSED_ACTIVATIONS) else None
+            p = modules.pop(0).p if modules and isinstance(modules[0], nn.Dropout) else 0.0
+            keep = None
+            if self.training and p:
+                keep = dropout_keep((len(x), linear.out_features), p, dtype, x.device)
+            x = _DenseFn.apply(x, linear.weight.to(dtype), linear.bias.to(dtype), _post_op(activation), keep)
+        return x
 
 
 class Generator(nn.Module):
@@ -66,10 +123,10 @@ class Generator(nn.Module):
         super().__init__()
         self.d_noise = d_noise
         self.config = {"d_noise": d_noise, "width": width, "dropout": dropout}
-        self.net = nn.Sequential(
-            Linear(d_noise, width), nn.ReLU(), nn.Dropout(dropout),
-            Linear(width, width), nn.ReLU(), nn.Dropout(dropout),
-            Linear(width, IMAGE_SIZE), nn.Tanh(),
+        self.net = MLP(
+            nn.Linear(d_noise, width), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(width, IMAGE_SIZE), nn.Tanh(),
         )
         init_weights(self)
 
@@ -85,10 +142,10 @@ class Discriminator(nn.Module):
     def __init__(self, width: int = 256, dropout: float = 0.1):
         super().__init__()
         self.config = {"width": width, "dropout": dropout}
-        self.net = nn.Sequential(
-            Linear(IMAGE_SIZE, width), nn.LeakyReLU(0.01), nn.Dropout(dropout),
-            Linear(width, width), nn.LeakyReLU(0.01), nn.Dropout(dropout),
-            Linear(width, 1),
+        self.net = MLP(
+            nn.Linear(IMAGE_SIZE, width), nn.LeakyReLU(0.01), nn.Dropout(dropout),
+            nn.Linear(width, width), nn.LeakyReLU(0.01), nn.Dropout(dropout),
+            nn.Linear(width, 1),
         )
         init_weights(self)
 
