@@ -5,16 +5,18 @@
 
 What it measures, in this order:
   1. the machine's matmul rate at the GAN's own GEMM shapes (fp32, and bf16 where supported);
-  2. the reference loop (benchmarks/reference_loop.py: DataLoader, per-sample transforms) and
-     the project's loop (mnist_gan.training.train), each for 1 untimed warm-up epoch (reported
-     apart) plus `--epochs` timed epochs, every epoch = training + the per-epoch evaluation;
-  3. the project's loop again for each further precision (bf16 by default where the CPU has
-     native bf16 instructions or the GPU supports it);
+  2. the reference loop (benchmarks/reference_loop.py: DataLoader, per-sample transforms):
+     built, then 1 warm-up epoch;
+  3. for each precision of the project's loop (fp32, plus bf16 by default where the CPU has
+     native bf16 instructions or the GPU supports it): mnist_gan.training.train for 1 warm-up
+     epoch plus `--epochs` timed epochs, each timed epoch followed by one timed epoch of the
+     reference loop. Every epoch = training + the per-epoch evaluation. Interleaved, the two
+     loops see the same machine: on a shared VM the speed of both drifts by 10-20 % from one
+     minute to the next, which one loop after the other turns into a wrong ratio;
   4. with --full-gpu-run on CUDA: the project's full default run (params.yaml's epochs).
 
 It prints a table (seconds per epoch, ratio reference / project, achieved GFLOP/s, % of the
-matmul floor, peak memory) and writes the same as JSON. Absolute times move with the machine;
-the ratios, measured in the same run, much less.
+matmul floor, peak memory) and writes the same as JSON.
 
 Data: the real MNIST in data/MNIST/raw when it is there, else random pixels of MNIST's shape
 written as IDX files to a temporary folder: speed does not depend on pixel values.
@@ -35,7 +37,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -219,24 +220,22 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 class PeakMemory:
     """Peak memory while the block runs. On CUDA: torch.cuda.max_memory_allocated after a reset.
-    On CPU: the peak increase of this process's resident set over its value at entry, sampled
-    every 5 ms from /proc/self/statm by a thread (getrusage's ru_maxrss is the peak of the whole
-    process so far, so it cannot separate two loops run one after the other)."""
+    On CPU: the kernel's peak resident set (VmHWM), reset at entry by writing 5 to
+    /proc/self/clear_refs, minus the resident set at entry. getrusage's ru_maxrss cannot be reset,
+    and a thread sampling the RSS would take a core from the timed loop's OpenMP threads (measured:
+    ~10 % slower epochs on 2 cores)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS increase"
         self.peak_bytes = 0
-        self._stop = threading.Event()
 
     @staticmethod
-    def rss() -> int:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self._peak = max(self._peak, self.rss())
+    def _status_kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no {field} in /proc/self/status")
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
@@ -246,9 +245,11 @@ class PeakMemory:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._base = self._peak = self.rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._base = self._status_kib("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:  # the peak then covers the process so far, earlier loops included
+                self.kind = "cpu peak RSS increase (not reset: /proc/self/clear_refs not writable)"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,9 +257,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = max(self._peak, self.rss()) - self._base
+            self.peak_bytes = (self._status_kib("VmHWM") - self._base) * 1024
 
 
 class OtherLoad:
@@ -311,50 +310,71 @@ def dataset(tmp: Path) -> tuple[Path, str]:
     return tmp, "random pixels of MNIST's shape (no data/MNIST/raw here)"
 
 
-class EpochClock:
-    """A training Tracker that notes this process's CPU time at the end of every epoch.
+class ReferenceLoop:
+    """The tutorial's loop, run one epoch (training + its evaluation) at a time."""
 
-    CPU seconds complement wall seconds where other processes share the cores: with one torch
-    thread (--threads 1) they are close to what the epoch takes on a quiet core. With more threads
-    they also count OpenMP's spin-waiting, so read them as a cost, not a time."""
+    def __init__(self, root: Path, params: Params, device: torch.device):
+        self.device = device
+        started = time.perf_counter()
+        self.ref = build_reference(root, device, params.seed, params.batch_size, params.lr)
+        self.setup_seconds = time.perf_counter() - started
+        self.records: list[dict[str, float]] = []
+
+    def epoch(self) -> dict[str, float]:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        run_epoch(self.ref)
+        sync(self.device)
+        trained = time.perf_counter()
+        p_real, p_fake = evaluate(self.ref)
+        done = time.perf_counter()
+        self.records.append({"seconds": done - started, "train_seconds": trained - started,
+                             "eval_seconds": done - trained,
+                             "cpu_seconds": time.process_time() - cpu_started,
+                             "p_real": p_real, "p_fake": p_fake})
+        return self.records[-1]
+
+
+class Interleave:
+    """A training Tracker for the project's loop: notes this process's CPU time of every epoch,
+    and after each timed epoch (all but the first) runs one epoch of the reference loop.
+
+    train() times an epoch before it calls log_epoch and starts the next one's clock after
+    it returns, so the reference epoch counts in neither. CPU seconds complement wall seconds
+    where other processes share the cores; with more than one thread they include OpenMP's
+    spin-waiting, so read them as a cost, not a time."""
 
     run_id = None
 
-    def __init__(self) -> None:
+    def __init__(self, reference: ReferenceLoop) -> None:
+        self.reference = reference
         self.cpu_seconds: list[float] = []
+        self.reference_records: list[dict[str, float]] = []
         self._last = time.process_time()
 
     def log_epoch(self, record: dict[str, float]) -> None:
-        now = time.process_time()
-        self.cpu_seconds.append(now - self._last)
-        self._last = now
+        self.cpu_seconds.append(time.process_time() - self._last)
+        if len(self.cpu_seconds) > 1:
+            self.reference_records.append(self.reference.epoch())
+        self._last = time.process_time()
 
     def log_samples(self, epoch: int, images: torch.Tensor) -> None:
         self._last = time.process_time()  # drawing the sample grid is not part of the epoch
 
 
-def time_reference(root: Path, params: Params, device: torch.device, epochs: int) -> dict[str, Any]:
+def warm_up_reference(root: Path, params: Params,
+                      device: torch.device) -> tuple[ReferenceLoop, dict[str, Any]]:
+    """The reference loop, built and run for its warm-up epoch; its peak memory is measured here
+    (later epochs allocate only batches)."""
     with PeakMemory(device) as memory, OtherLoad() as others:
-        started = time.perf_counter()
-        ref = build_reference(root, device, params.seed, params.batch_size, params.lr)
-        setup = time.perf_counter() - started
-        records = []
-        for _ in range(1 + epochs):
-            started, cpu_started = time.perf_counter(), time.process_time()
-            run_epoch(ref)
-            sync(device)
-            trained = time.perf_counter()
-            p_real, p_fake = evaluate(ref)
-            done = time.perf_counter()
-            records.append({"seconds": done - started, "train_seconds": trained - started,
-                            "eval_seconds": done - trained, "cpu_seconds": time.process_time() - cpu_started,
-                            "p_real": p_real, "p_fake": p_fake})
-        del ref
-    return summary("reference", "fp32", setup, records, memory, others)
+        reference = ReferenceLoop(root, params, device)
+        reference.epoch()
+    return reference, {"peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
+                       "cpu_used_elsewhere": others.share}
 
 
-def time_project(root: Path, params: Params, device: torch.device, epochs: int,
-                 precision: str) -> dict[str, Any]:
+def time_project(root: Path, params: Params, device: torch.device, epochs: int, precision: str,
+                 reference: ReferenceLoop) -> dict[str, Any]:
+    """The project's loop for 1 + `epochs` epochs, each timed one followed by a reference epoch."""
     raw = root / "MNIST" / "raw"
     with PeakMemory(device) as memory, OtherLoad() as others:
         started = time.perf_counter()
@@ -363,16 +383,26 @@ def time_project(root: Path, params: Params, device: torch.device, epochs: int,
         sync(device)
         setup = time.perf_counter() - started
         run = dataclasses.replace(params, epochs=1 + epochs, precision=precision)
-        clock = EpochClock()
-        result = train(run, train_images, test_images, device, tracker=clock)
+        interleave = Interleave(reference)
+        result = train(run, train_images, test_images, device, tracker=interleave)
         records = [{"seconds": r["seconds"], "cpu_seconds": cpu, "p_real": r["p_real"], "p_fake": r["p_fake"]}
-                   for r, cpu in zip(result.history, clock.cpu_seconds, strict=True)]
+                   for r, cpu in zip(result.history, interleave.cpu_seconds, strict=True)]
         del result, train_images, test_images
-    return summary("project", precision, setup, records, memory, others)
+    out = summary("project", precision, setup, records)
+    paired = interleave.reference_records
+    out.update({
+        "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
+        "cpu_used_elsewhere": others.share,
+        "reference_epoch_seconds": [r["seconds"] for r in paired],
+        "ratio_vs_reference": statistics.fmean(r["seconds"] for r in paired) / out["mean_epoch_seconds"],
+        "cpu_ratio_vs_reference": (statistics.fmean(r["cpu_seconds"] for r in paired)
+                                   / out["mean_epoch_cpu_seconds"]),
+    })
+    return out
 
 
-def summary(loop: str, precision: str, setup: float, records: list[dict[str, float]],
-            memory: PeakMemory, others: OtherLoad) -> dict[str, Any]:
+def summary(loop: str, precision: str, setup: float, records: list[dict[str, float]]) -> dict[str, Any]:
+    """Means over `records[1:]`; records[0] is the warm-up epoch."""
     timed = records[1:]
     out = {
         "loop": loop,
@@ -384,9 +414,6 @@ def summary(loop: str, precision: str, setup: float, records: list[dict[str, flo
         "mean_epoch_cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in timed),
         "final_p_real": timed[-1]["p_real"],
         "final_p_fake": timed[-1]["p_fake"],
-        "peak_memory_bytes": memory.peak_bytes,
-        "peak_memory_kind": memory.kind,
-        "cpu_used_elsewhere": others.share,
     }
     if "train_seconds" in timed[0]:
         out["mean_train_seconds"] = statistics.fmean(r["train_seconds"] for r in timed)
@@ -477,12 +504,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"FLOPs per epoch (training + evaluation): reference {flops['reference'] / 1e9:.0f} GFLOP, "
               f"project {flops['project'] / 1e9:.0f} GFLOP")
 
-        # (2) + (3) the loops
-        results = [time_reference(root, params, device, args.epochs)]
-        print(f"  reference done: {results[0]['mean_epoch_seconds']:.2f} s/epoch", flush=True)
+        # (2) + (3) the loops, interleaved epoch by epoch
+        reference, reference_memory = warm_up_reference(root, params, device)
+        projects = []
         for precision in precisions:
-            results.append(time_project(root, params, device, args.epochs, precision))
-            print(f"  project {precision} done: {results[-1]['mean_epoch_seconds']:.2f} s/epoch", flush=True)
+            projects.append(time_project(root, params, device, args.epochs, precision, reference))
+            print(f"  project {precision} done: {projects[-1]['mean_epoch_seconds']:.2f} s/epoch, "
+                  f"reference meanwhile {statistics.fmean(projects[-1]['reference_epoch_seconds']):.2f}",
+                  flush=True)
+        results = [{**summary("reference", "fp32", reference.setup_seconds, reference.records),
+                    **reference_memory, "ratio_vs_reference": 1.0, "cpu_ratio_vs_reference": 1.0},
+                   *projects]
+        del reference
 
         full = None
         if args.full_gpu_run:
@@ -493,8 +526,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     reference_seconds = results[0]["mean_epoch_seconds"]
     for r in results:
-        r["ratio_vs_reference"] = reference_seconds / r["mean_epoch_seconds"]
-        r["cpu_ratio_vs_reference"] = results[0]["mean_epoch_cpu_seconds"] / r["mean_epoch_cpu_seconds"]
         r["flops_per_epoch"] = flops[r["loop"]]
         r["achieved_gflops"] = flops[r["loop"]] / r["mean_epoch_seconds"] / 1e9
         # the floor: the project's FLOPs at the machine's matmul rate in this precision
@@ -518,8 +549,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"reference per epoch: {ref['mean_train_seconds']:.2f} s training + "
           f"{ref['mean_eval_seconds']:.2f} s evaluation; reference / fp32 floor = "
           f"{reference_seconds / ref['floor_seconds']:.1f}x")
-    print(f"s/epoch: mean of {args.epochs} epochs (training + per-epoch evaluation); ratio: reference "
-          "s/epoch over the row's; cpu s: this process's CPU seconds per epoch, and their ratio; "
+    print(f"s/epoch: mean of the timed epochs (training + per-epoch evaluation; the reference: all "
+          f"{len(precisions) * args.epochs} of them); ratio: the s/epoch of the reference epochs run "
+          "between the row's epochs over the row's; cpu s: this process's CPU seconds per epoch, "
+          "and their ratio; "
           f"peak mem: {ref['peak_memory_kind']}; floor: the project's FLOPs at "
           "the matmul rate of the row's precision; busy: CPU used by other processes meanwhile")
     if "fp32_onednn" in rates:
