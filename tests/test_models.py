@@ -81,6 +81,20 @@ def test_fused_dropout_layer_applies_its_mask_forward_and_backward(activation):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_mlp_rejects_what_it_cannot_fuse_and_runs_a_linear_without_bias():
+    with pytest.raises(TypeError, match="module 1 is Sigmoid"):
+        MLP(nn.Linear(4, 3), nn.Sigmoid())
+    with pytest.raises(TypeError, match="module 0 is ReLU"):
+        MLP(nn.ReLU(), nn.Linear(4, 3))
+    torch.manual_seed(0)
+    block = MLP(nn.Linear(4, 3, bias=False), nn.Tanh()).eval()
+    x, grad = torch.randn(5, 4), torch.randn(5, 3)
+    fused = _forward_backward(block, block, x, grad)
+    plain = _forward_backward(lambda x: nn.Sequential.forward(block, x), block, x, grad)
+    for got, expected in zip([fused[0], fused[1], *fused[2]], [plain[0], plain[1], *plain[2]], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_keeps_one_minus_p_and_scales_like_nn_dropout(p):
     torch.manual_seed(0)

@@ -93,6 +93,16 @@ class MLP(nn.Sequential):
     """nn.Sequential of Linear [activation] [Dropout] blocks (the modules and state_dict of
     nn.Sequential); on CPU each block runs as one _DenseFn, in bf16 under bf16 autocast."""
 
+    def __init__(self, *modules: nn.Module):
+        super().__init__(*modules)
+        for i, module in enumerate(modules):
+            follows = type(modules[i - 1]) if i else None
+            if not (isinstance(module, nn.Linear)
+                    or (isinstance(module, _FUSED_ACTIVATIONS) and follows is nn.Linear)
+                    or (isinstance(module, nn.Dropout) and follows not in (None, nn.Dropout))):
+                raise TypeError(f"MLP takes Linear [ReLU|LeakyReLU|Tanh] [Dropout] blocks; "
+                                f"module {i} is {module!r}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
@@ -110,7 +120,8 @@ class MLP(nn.Sequential):
             keep = None
             if self.training and p:
                 keep = dropout_keep((len(x), linear.out_features), p, dtype, x.device)
-            x = _DenseFn.apply(x, linear.weight.to(dtype), linear.bias.to(dtype), _post_op(activation), keep)
+            bias = None if linear.bias is None else linear.bias.to(dtype)
+            x = _DenseFn.apply(x, linear.weight.to(dtype), bias, _post_op(activation), keep)
         return x
 
 
