@@ -11,7 +11,7 @@ What it measures, in this order:
      native bf16 instructions or the GPU supports it): mnist_gan.training.train for 1 warm-up
      epoch plus `--epochs` timed epochs, each timed epoch followed by one timed epoch of the
      reference loop. Every epoch = training + the per-epoch evaluation. Interleaved, the two
-     loops see the same machine: on a shared VM the speed of both drifts by 10-20 % from one
+     loops see the same machine: on a shared VM the speed of both drifts by 10-30 % from one
      minute to the next, which one loop after the other turns into a wrong ratio;
   4. with --full-gpu-run on CUDA: the project's full default run (params.yaml's epochs).
 
@@ -368,8 +368,7 @@ def warm_up_reference(root: Path, params: Params,
     with PeakMemory(device) as memory, OtherLoad() as others:
         reference = ReferenceLoop(root, params, device)
         reference.epoch()
-    return reference, {"peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
-                       "cpu_used_elsewhere": others.share}
+    return reference, measured(memory, others)
 
 
 def time_project(root: Path, params: Params, device: torch.device, epochs: int, precision: str,
@@ -391,14 +390,19 @@ def time_project(root: Path, params: Params, device: torch.device, epochs: int, 
     out = summary("project", precision, setup, records)
     paired = interleave.reference_records
     out.update({
-        "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
-        "cpu_used_elsewhere": others.share,
+        **measured(memory, others),
         "reference_epoch_seconds": [r["seconds"] for r in paired],
         "ratio_vs_reference": statistics.fmean(r["seconds"] for r in paired) / out["mean_epoch_seconds"],
         "cpu_ratio_vs_reference": (statistics.fmean(r["cpu_seconds"] for r in paired)
                                    / out["mean_epoch_cpu_seconds"]),
     })
     return out
+
+
+def measured(memory: PeakMemory, others: OtherLoad) -> dict[str, Any]:
+    """A loop's peak memory and the CPU share other processes took meanwhile."""
+    return {"peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
+            "cpu_used_elsewhere": others.share}
 
 
 def summary(loop: str, precision: str, setup: float, records: list[dict[str, float]]) -> dict[str, Any]:

@@ -95,13 +95,21 @@ class MLP(nn.Sequential):
 
     def __init__(self, *modules: nn.Module):
         super().__init__(*modules)
-        for i, module in enumerate(modules):
-            follows = type(modules[i - 1]) if i else None
-            if not (isinstance(module, nn.Linear)
-                    or (isinstance(module, _FUSED_ACTIVATIONS) and follows is nn.Linear)
-                    or (isinstance(module, nn.Dropout) and follows not in (None, nn.Dropout))):
+        # (linear, its activation's post-op, its dropout or None) of each block, parsed once
+        self._blocks: list[tuple[nn.Linear, PostOp, nn.Dropout | None]] = []
+        i = 0
+        while i < len(modules):
+            linear = modules[i]
+            if not isinstance(linear, nn.Linear):
                 raise TypeError(f"MLP takes Linear [ReLU|LeakyReLU|Tanh] [Dropout] blocks; "
-                                f"module {i} is {module!r}")
+                                f"module {i} is {linear!r}")
+            i += 1
+            activation = dropout = None
+            if i < len(modules) and isinstance(modules[i], _FUSED_ACTIVATIONS):
+                activation, i = modules[i], i + 1
+            if i < len(modules) and isinstance(modules[i], nn.Dropout):
+                dropout, i = modules[i], i + 1
+            self._blocks.append((linear, _post_op(activation), dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -112,16 +120,12 @@ class MLP(nn.Sequential):
                 and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
             return super().forward(x)
         x = x.to(dtype)
-        modules = list(self)
-        while modules:
-            linear = modules.pop(0)
-            activation = modules.pop(0) if modules and isinstance(modules[0], _FUSED_ACTIVATIONS) else None
-            p = modules.pop(0).p if modules and isinstance(modules[0], nn.Dropout) else 0.0
+        for linear, post_op, dropout in self._blocks:
             keep = None
-            if self.training and p:
-                keep = dropout_keep((len(x), linear.out_features), p, dtype, x.device)
+            if self.training and dropout is not None and dropout.p:
+                keep = dropout_keep((len(x), linear.out_features), dropout.p, dtype, x.device)
             bias = None if linear.bias is None else linear.bias.to(dtype)
-            x = _DenseFn.apply(x, linear.weight.to(dtype), bias, _post_op(activation), keep)
+            x = _DenseFn.apply(x, linear.weight.to(dtype), bias, post_op, keep)
         return x
 
 

@@ -42,7 +42,7 @@ def _champion(client: MlflowClient) -> tuple[str, float] | None:
         version = client.get_model_version_by_alias(REGISTERED_MODEL, ALIAS)
     except MlflowException:
         return None  # no registered model or no alias yet
-    return version.version, float(version.tags["fid"])
+    return str(version.version), float(version.tags["fid"])
 
 
 def promote(run_id: str) -> Promotion:
@@ -56,12 +56,13 @@ def promote(run_id: str) -> Promotion:
     fid = run.data.metrics.get(METRIC)
     if fid is None:
         raise PromoteError(f"run {run_id} has no {METRIC}: run the evaluate stage (dvc repro) first")
-    version = _version_of(client, run_id) or mlflow.register_model(
-        _generator_uri(client, run), REGISTERED_MODEL, tags={"fid": str(fid)}).version
+    # MLflow gives versions as int from some calls and str from others: str throughout
+    version = _version_of(client, run_id) or str(mlflow.register_model(
+        _generator_uri(client, run), REGISTERED_MODEL, tags={"fid": str(fid)}).version)
     champion = _champion(client)
     if champion is not None:
         champion_version, best = champion
-        if str(champion_version) == str(version):
+        if champion_version == version:
             return Promotion(False, f"version {version} (run {run_id}) is already the {ALIAS}, "
                                     f"fid {best:.4g}", version)
         if fid >= best:
@@ -88,4 +89,4 @@ def _generator_uri(client: MlflowClient, run: mlflow.entities.Run) -> str:
 def _version_of(client: MlflowClient, run_id: str) -> str | None:
     """The version already registered for this run's generator, so promoting twice registers once."""
     versions = client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")
-    return versions[0].version if versions else None
+    return str(versions[0].version) if versions else None
