@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from mnist_gan import cpu_dropout
 from mnist_gan.files import atomic_path
 
 IMAGE_SIZE = 28 * 28
@@ -28,65 +30,66 @@ N_CLASSES = 10
 #   oneDNN (bundled with PyTorch) computes the same products about 2x faster there.
 # - oneDNN applies the activation to the product's output in registers (a "post-op"); a separate
 #   torch.tanh over G's [200, 784] output costs more than the product itself.
-# - nn.Dropout draws each element with bernoulli_ (~4.7 ns an element, 29 % of an epoch);
-#   16 random bits an element, cut out of full-range int64 draws, cost ~0.7 ns.
+# - dropout runs in place on that output, in a kernel of our own (mnist_gan.cpu_dropout).
 # No public API does these for training (torch.compile did not beat eager on CPU), hence this
 # small autograd Function, used for eager CPU batches in fp32 or under bf16 autocast. Elsewhere
-# (CUDA, torch.export for MLflow's pt2 format) the same modules run as a plain nn.Sequential.
+# (CUDA, torch.export for MLflow's pt2 format, or no C++ compiler for the dropout kernel) the
+# same modules run as a plain nn.Sequential.
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _aten = torch.ops.aten
 
-PostOp = tuple[str, list[float], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]
+
+class PostOp(NamedTuple):
+    """oneDNN's post-op for an activation, and the activation's backward from its output."""
+
+    name: str  # the post-op, also the key of the dropout kernel's activation code
+    scalars: list[float]
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
 def _post_op(activation: nn.Module | None) -> PostOp:
-    """oneDNN's post-op for `activation` and its backward, computed from the activation's output."""
     if activation is None:
-        return "none", [], None
+        return PostOp("none", [], None)
     if isinstance(activation, nn.ReLU):
-        return "relu", [], lambda grad, y: _aten.threshold_backward(grad, y, 0)
+        return PostOp("relu", [], lambda grad, y: _aten.threshold_backward(grad, y, 0))
     if isinstance(activation, nn.LeakyReLU):
         slope = activation.negative_slope
-        return "leaky_relu", [slope], lambda grad, y: _aten.leaky_relu_backward(grad, y, slope, True)
-    return "tanh", [], _aten.tanh_backward
+        return PostOp("leaky_relu", [slope],
+                      lambda grad, y: _aten.leaky_relu_backward(grad, y, slope, True))
+    return PostOp("tanh", [], _aten.tanh_backward)
 
 
 _FUSED_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
 
 
 class _DenseFn(torch.autograd.Function):
-    """act(x @ w.T + b) * keep with oneDNN for every product and the activation fused into the
-    forward one; `keep` is the dropout mask already scaled by 1 / (1 - p), or None."""
+    """dropout(act(x @ w.T + b), p) with oneDNN for every product, the activation fused into the
+    forward one, and the dropout kernel applied in place to its output (p = 0: no dropout)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, post_op: PostOp, keep):
-        name, scalars, ctx.act_backward = post_op
-        y = _onednn_linear(x, weight, bias, name, scalars, "")
-        ctx.save_for_backward(x, weight, y, keep)
-        return y if keep is None else y * keep
+    def forward(ctx, x, weight, bias, post_op: PostOp, p: float):
+        y = _onednn_linear(x, weight, bias, post_op.name, post_op.scalars, "")
+        ctx.post_op, ctx.p = post_op, p
+        if p:
+            ctx.seed = cpu_dropout.draw_seed()
+            cpu_dropout.kernels().dropout_(y, ctx.seed, p)
+        ctx.save_for_backward(x, weight, y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, y, keep = ctx.saved_tensors
-        if keep is not None:
-            grad = grad * keep
-        if ctx.act_backward is not None:
-            grad = ctx.act_backward(grad, y)
+        x, weight, y = ctx.saved_tensors
+        post_op = ctx.post_op
+        if ctx.p:
+            grad = cpu_dropout.kernels().dropout_backward(
+                grad, y, ctx.seed, ctx.p, cpu_dropout.ACTIVATIONS[post_op.name],
+                post_op.scalars[0] if post_op.scalars else 0.0)
+        elif post_op.backward is not None:
+            grad = post_op.backward(grad, y)
         grad_x = _onednn_linear(grad, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
         grad_w = _onednn_linear(grad.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
-
-
-def dropout_keep(shape: tuple[int, int], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """nn.Dropout's mask times 1 / (1 - p): each element kept with probability 1 - p, where p is
-    rounded to a multiple of 1/65536 (0.1 -> 6554/65536 = 0.100006). Draws from the global RNG."""
-    n = shape[0] * shape[1]
-    # every bit of a full-range int64 draw is uniform: 4 int16 values per draw
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
-    keep = torch.empty(shape, dtype=dtype, device=device)
-    torch.ge(bits.view(torch.int16)[:n].view(shape), -2**15 + round(p * 2**16), out=keep)
-    return keep.mul_(1 / (1 - p))
 
 
 class MLP(nn.Sequential):
@@ -116,16 +119,15 @@ class MLP(nn.Sequential):
             dtype = torch.get_autocast_dtype("cpu")
         else:
             dtype = x.dtype
+        ps = [dropout.p if self.training and dropout is not None else 0.0 for _, _, dropout in self._blocks]
         if not (_onednn_linear is not None and x.device.type == "cpu" and x.dim() == 2
-                and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()):
+                and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+                and (not any(ps) or cpu_dropout.kernels() is not None)):
             return super().forward(x)
         x = x.to(dtype)
-        for linear, post_op, dropout in self._blocks:
-            keep = None
-            if self.training and dropout is not None and dropout.p:
-                keep = dropout_keep((len(x), linear.out_features), dropout.p, dtype, x.device)
+        for (linear, post_op, _), p in zip(self._blocks, ps, strict=True):
             bias = None if linear.bias is None else linear.bias.to(dtype)
-            x = _DenseFn.apply(x, linear.weight.to(dtype), bias, post_op, keep)
+            x = _DenseFn.apply(x, linear.weight.to(dtype), bias, post_op, p)
         return x
 
 
