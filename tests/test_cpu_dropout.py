@@ -48,12 +48,18 @@ def test_seeds_come_from_torchs_global_rng():
     assert first[0] != first[1]
 
 
-def test_bf16_rounds_to_nearest_even_and_keeps_nan_and_inf():
-    y = torch.randn(64, 64) * 100
-    y[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
-    out = y.bfloat16()
-    cpu_dropout.kernels().dropout_(out, 5, 0.0)  # p = 0: the kernel only scales by 1 and rounds
-    torch.testing.assert_close(out.float(), y.bfloat16().float(), rtol=0, atol=0, equal_nan=True)
+def test_bf16_output_is_rounded_to_nearest_even_and_keeps_nan_and_inf():
+    keep = _keep((64, 64), 0.25, seed=5)  # float32: 0 or 4/3, which bf16 values times it must round
+    y = (torch.randn(64, 64) * 100).bfloat16()
+    kept = keep.flatten().nonzero().flatten()[:3]
+    y.view(-1)[kept] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.bfloat16)
+    out = y.clone()
+    cpu_dropout.kernels().dropout_(out, 5, 0.25)
+    expected = (y.float() * keep).bfloat16()  # torch's rounding: to nearest, ties to even
+    on = keep > 0
+    torch.testing.assert_close(out.float()[on], expected.float()[on], rtol=0, atol=0, equal_nan=True)
+    assert (out[keep == 0] == 0).all()
+    assert out.view(-1)[kept[0]].isnan() and out.view(-1)[kept[1:]].isinf().all()
 
 
 def test_backward_is_the_gradient_of_dropout_of_the_activation():
