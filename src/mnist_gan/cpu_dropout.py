@@ -31,8 +31,6 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("dropout.cpp")
-# the kernel's activation codes (enum Activation in dropout.cpp), by oneDNN post-op name
-ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
 
 
 def _machine_tag() -> str:

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 namespace {
 
@@ -87,7 +88,17 @@ void dropout_kernel(T* y, int64_t n, const Mask& mask) {
 
 // The activations' derivatives from out = act(h) * keep, where keep > 0: relu and leaky_relu need
 // only the sign of act(h), which the scaling keeps; tanh's needs act(h) = out / scale.
-enum Activation : int64_t { kNone = 0, kRelu = 1, kLeakyRelu = 2, kTanh = 3 };
+enum Activation { kNone, kRelu, kLeakyRelu, kTanh };
+
+// by oneDNN's post-op name, the name mnist_gan.models gives each block's activation
+Activation activation_of(const std::string& name) {
+  if (name == "none") return kNone;
+  if (name == "relu") return kRelu;
+  if (name == "leaky_relu") return kLeakyRelu;
+  TORCH_CHECK(name == "tanh", "no derivative for activation '", name,
+              "': none, relu, leaky_relu or tanh");
+  return kTanh;
+}
 
 template <Activation A>
 inline float derivative(float out, float scale, float slope) {
@@ -110,7 +121,7 @@ void backward_kernel(const T* grad, const T* out, T* grad_h, int64_t n, const Ma
 
 template <typename T>
 void backward_typed(const at::Tensor& grad, const at::Tensor& out, at::Tensor& grad_h, const Mask& mask,
-                    int64_t activation, float slope) {
+                    Activation activation, float slope) {
   const T* g = grad.const_data_ptr<T>();
   const T* o = out.const_data_ptr<T>();
   T* gh = grad_h.mutable_data_ptr<T>();
@@ -119,7 +130,7 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& out, at::Tensor& g
     case kRelu: return backward_kernel<kRelu>(g, o, gh, n, mask, slope);
     case kLeakyRelu: return backward_kernel<kLeakyRelu>(g, o, gh, n, mask, slope);
     case kTanh: return backward_kernel<kTanh>(g, o, gh, n, mask, slope);
-    default: return backward_kernel<kNone>(g, o, gh, n, mask, slope);
+    case kNone: return backward_kernel<kNone>(g, o, gh, n, mask, slope);
   }
 }
 
@@ -144,9 +155,10 @@ void dropout_(at::Tensor y, int64_t seed, double p) {
 
 // d loss / d h of out = act(h) * keep / (1 - p), from d loss / d out and out: the same mask
 // (same seed and p) recomputed, times the activation's derivative
-at::Tensor dropout_backward(at::Tensor grad, at::Tensor out, int64_t seed, double p, int64_t activation,
-                            double slope) {
+at::Tensor dropout_backward(at::Tensor grad, at::Tensor out, int64_t seed, double p,
+                            const std::string& activation_name, double slope) {
   check(out, "out");
+  Activation activation = activation_of(activation_name);
   grad = grad.to(out.scalar_type()).contiguous();
   TORCH_CHECK(grad.sizes() == out.sizes(), "grad and out differ in shape");
   auto grad_h = at::empty_like(out);

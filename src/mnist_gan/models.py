@@ -42,7 +42,7 @@ _aten = torch.ops.aten
 class PostOp(NamedTuple):
     """oneDNN's post-op for an activation, and the activation's backward from its output."""
 
-    name: str  # the post-op, also the key of the dropout kernel's activation code
+    name: str  # the post-op; the dropout kernel's backward takes the same name
     scalars: list[float]
     backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
@@ -82,7 +82,7 @@ class _DenseFn(torch.autograd.Function):
         post_op = ctx.post_op
         if ctx.p:
             grad = cpu_dropout.kernels().dropout_backward(
-                grad, y, ctx.seed, ctx.p, cpu_dropout.ACTIVATIONS[post_op.name],
+                grad, y, ctx.seed, ctx.p, post_op.name,
                 post_op.scalars[0] if post_op.scalars else 0.0)
         elif post_op.backward is not None:
             grad = post_op.backward(grad, y)
