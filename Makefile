@@ -20,7 +20,10 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 
 venv: $(BIN)/.installed  ## create .venv with the pinned dependencies (idempotent)
 
-repro: venv  ## run the pipeline on params.yaml (dvc repro)
+# params.yaml first, composed from conf/ as `dvc exp run` does (python -m mnist_gan compose refuses to
+# overwrite an uncommitted edit of params.yaml); then the stages whose deps or params changed
+repro: venv  ## compose params.yaml from conf/, then run the pipeline (dvc repro)
+	python -m mnist_gan compose
 	dvc repro
 
 test: venv  ## run the unit and end-to-end tests
@@ -44,8 +47,9 @@ MLFLOW_PORT ?= 5000
 # each worker gets cores / JOBS threads: parallel jobs with a thread per core each thrash the CPU
 SWEEP_THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
 
-# waits for the queue, then shows what differs: params and metrics, not the outputs' hashes
-sweep: venv  ## run a grid of queued experiments, JOBS at a time: SWEEP='lr=0.0001,0.0004 seed=0,1'
+# DVC's Hydra sweep: one queued experiment per combination, each composed from conf/ with its
+# values (model=mlp,cgan picks files of conf/model/); waits for the queue, then shows what differs
+sweep: venv  ## queued grid, JOBS at a time: SWEEP='lr=0.0001,0.0004 seed=0,1' or SWEEP='model=mlp,cgan'
 	dvc exp run --queue $(foreach s,$(SWEEP),-S '$(s)')
 	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc queue start -j $(JOBS)
 	@echo "waiting for the queue (dvc queue logs NAME follows one experiment)"

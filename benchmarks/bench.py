@@ -476,9 +476,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    params_file = ROOT / "params.yaml"
-    base = load_params(params_file) if params_file.is_file() else Params()
-    params = dataclasses.replace(base, checkpoint_every=0, device=device.type)
+    params = dataclasses.replace(load_params(ROOT / "params.yaml"), checkpoint_every=0, device=device.type)
     precisions = args.precision or (["fp32", "bf16"] if native_bf16(device) else ["fp32"])
     info = machine(device)
     print(f"machine: {info['device']}, {info['cores']} cores, torch {info['torch']} "

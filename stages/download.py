@@ -4,6 +4,7 @@ import logging
 
 from mnist_gan import paths
 from mnist_gan.data import prepare_mnist
+from mnist_gan.errors import run_stage
 from mnist_gan.params import load_params
 
 
@@ -14,5 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_stage(main)

@@ -1,12 +1,12 @@
 """DVC stage `evaluate`: metrics/eval.json for the trained GAN, also logged to its MLflow run."""
 
-import logging
 
 import torch
 
 from mnist_gan import paths, tracking
 from mnist_gan.classifier import load_classifier, predict
 from mnist_gan.data import load_images, load_labelled
+from mnist_gan.errors import run_stage
 from mnist_gan.files import read_json, write_json
 from mnist_gan.models import load_model
 from mnist_gan.params import load_params, resolve_device
@@ -20,7 +20,7 @@ def main() -> None:
     params = load_params()
     device = resolve_device(params.device)
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
-    tracking.check_run(run_id)  # fail before the work, not when logging it
+    tracking.check_reachable(tracking.tracking_uri())  # fail before the work, not when logging it
     generator = load_model(paths.GENERATOR, device)
     discriminator = load_model(paths.DISCRIMINATOR, device)
     classifier = load_classifier(paths.CLASSIFIER, device)
@@ -47,11 +47,10 @@ def main() -> None:
     metrics = {key: round(value, 6) for key, value in metrics.items()}
     write_json(paths.EVAL_METRICS, metrics)
 
-    with tracking.open_run(run_id) as tracker:
+    with tracking.open_stage_run(run_id, params, str(device)) as tracker:
         tracker.log_metrics(metrics, prefix="eval")
         tracker.log_artifact(paths.EVAL_METRICS)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_stage(main)

@@ -1,12 +1,12 @@
 """DVC stage `plot`: PNGs under plots/, also logged to the run's MLflow record."""
 
-import logging
 
 import pandas as pd
 import torch
 
 from mnist_gan import paths, plotting, tracking
 from mnist_gan.data import load_images
+from mnist_gan.errors import run_stage
 from mnist_gan.files import read_json
 from mnist_gan.models import load_model
 from mnist_gan.params import load_params
@@ -17,7 +17,7 @@ def main() -> None:
     params = load_params()
     device = torch.device("cpu")  # 16 images: not worth a GPU
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
-    tracking.check_run(run_id)  # fail before the work, not when logging it
+    tracking.check_reachable(tracking.tracking_uri())  # fail before the work, not when logging it
     history = pd.read_csv(paths.HISTORY)
     evaluation = read_json(paths.EVAL_METRICS)
     classes = [evaluation[f"class_{digit}"] for digit in range(10)]
@@ -35,12 +35,11 @@ def main() -> None:
         "real_vs_fake.png": lambda path: plotting.plot_real_vs_fake(real, fake, path),
         "class_histogram.png": lambda path: plotting.plot_class_histogram(classes, path),
     }
-    with tracking.open_run(run_id) as tracker:
+    with tracking.open_stage_run(run_id, params, str(device)) as tracker:
         for name, draw in figures.items():
             draw(paths.PLOTS / name)
             tracker.log_artifact(paths.PLOTS / name, folder="plots")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_stage(main)

@@ -4,13 +4,13 @@ Resumes from checkpoints/train.pt when a previous run with the same params was
 interrupted; the checkpoint is removed once the outputs are written.
 """
 
-import logging
 
 import pandas as pd
 import torch
 
 from mnist_gan import checkpoint, paths, tracking
 from mnist_gan.data import load_labelled
+from mnist_gan.errors import run_stage
 from mnist_gan.files import atomic_path, write_json
 from mnist_gan.models import save_model
 from mnist_gan.params import load_params, resolve_device
@@ -52,5 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_stage(main)

@@ -10,6 +10,7 @@ import time
 from mnist_gan import paths
 from mnist_gan.classifier import save_classifier, train_classifier
 from mnist_gan.data import load_split, to_model_input
+from mnist_gan.errors import run_stage
 from mnist_gan.files import write_json
 from mnist_gan.params import load_params, resolve_device
 
@@ -39,9 +40,8 @@ def main() -> None:
              accuracy, params.classifier.epochs, seconds)
     if accuracy < MIN_ACCURACY:
         log.warning("classifier test accuracy %.4f is below %.2f: its features are a weak judge; "
-                    "raise classifier.epochs in params.yaml", accuracy, MIN_ACCURACY)
+                    "raise classifier.epochs in conf/config.yaml", accuracy, MIN_ACCURACY)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_stage(main)

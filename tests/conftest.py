@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from mnist_gan.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
+# the keys every model file of conf/model/ sets, in their order
+TRAINED = ("model", "epochs", "batch_size", "lr", "beta1", "ema", "width", "dropout")
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,23 @@ def test_bad_values_name_the_key(key, value, message):
         parse_params(raw)
 
 
+@pytest.mark.parametrize("missing, message", [
+    (["epochs"], r"^missing key epochs; params.yaml is composed from conf/: run `make repro`"),
+    (["lr", "beta1"], r"^missing keys lr, beta1;"),
+])
+def test_a_missing_key_is_named(missing, message):
+    raw = {key: value for key, value in _raw().items() if key not in missing}
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+def test_a_missing_group_key_is_named_with_its_group():
+    raw = _raw()
+    raw["eval"] = {"seed": 1}
+    with pytest.raises(ParamsError, match=r"^missing key eval.n_samples;"):
+        parse_params(raw)
+
+
 def test_typo_key_is_rejected_with_a_suggestion():
     with pytest.raises(ParamsError, match=r"unknown key 'lrr' \(did you mean 'lr'\?\)"):
         parse_params(_raw() | {"lrr": 0.1})

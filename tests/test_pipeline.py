@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -18,10 +20,15 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, write_synthetic_mnist
+from mnist_gan.composition import compose
+from tests.conftest import REPO, TRAINED, write_synthetic_mnist
 
 pytestmark = pytest.mark.slow
 
+PACKAGE_GLOBAL = "# @package _global_\n"  # the model files' header: their keys are top-level params
+
+# tiny params: set in conf/ (the model files' keys in every model file), since `dvc exp run`
+# recomposes params.yaml from conf/ and would drop them from params.yaml
 TINY = {"epochs": 2, "sample_every": 1, "eval": {"n_samples": 200}, "classifier": {"epochs": 1}}
 
 
@@ -46,16 +53,27 @@ def make_repo(root: Path) -> Path:
         if (REPO / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
+    run(["git", "init", "-q", "-b", "main"], repo)
     source = write_synthetic_mnist(root / "source")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in TINY.items():
-        params[key] = params[key] | value if isinstance(value, dict) else value
-    params["data"] = {"source": str(source), "verify": False}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        run(cmd, repo)
+    set_conf(repo, **TINY, data={"source": str(source), "verify": False})
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
     return repo
+
+
+def set_conf(repo: Path, **values: Any) -> None:
+    """Set keys in conf/ as a user edits it: a key of the model files in each of them, any other in
+    conf/config.yaml (groups merged); then params.yaml from conf/, as `make repro` writes it."""
+    config = yaml.safe_load((repo / "conf/config.yaml").read_text())
+    for model_file in sorted((repo / "conf/model").glob("*.yaml")):
+        preset = yaml.safe_load(model_file.read_text())
+        preset |= {key: value for key, value in values.items() if key in preset}
+        model_file.write_text(PACKAGE_GLOBAL + yaml.safe_dump(preset, sort_keys=False))
+    for key, value in values.items():
+        if key not in preset:
+            config[key] = config[key] | value if isinstance(value, dict) else value
+    (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (repo / "params.yaml").write_text(compose(repo))
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +163,65 @@ def test_presets_and_ema_run_end_to_end(repo, client, model):
                    "-n", "8", "--digit", "7", "--out", "sevens.npy"], repo, pipeline_env())
         assert "wrote sevens.npy: 8 samples (digit 7" in out
         assert np.load(repo / "sevens.npy").shape == (8, 28, 28)
+
+
+def shown_params(repo: Path) -> dict[str, dict[str, Any]]:
+    """`dvc exp show --json`: each experiment's params.yaml, by experiment name."""
+    shown = {}
+    for commit in json.loads(run(["dvc", "exp", "show", "--json"], repo, pipeline_env())):
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                shown[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]
+    return shown
+
+
+def test_experiments_record_the_real_params_of_their_model(repo):
+    """DVC composes params.yaml from conf/: the chosen model's values are in it, so `dvc exp show`
+    and `dvc params diff` tell what each experiment trained with."""
+    cgan = yaml.safe_load((repo / "conf/model/cgan.yaml").read_text()) | {"epochs": 1}
+    mlp = yaml.safe_load((repo / "conf/model/mlp.yaml").read_text()) | {"lr": 0.0001}
+    assert cgan["batch_size"] != mlp["batch_size"] and cgan["beta1"] != mlp["beta1"]
+
+    run(["dvc", "exp", "run", "-S", "model=cgan", "-S", "epochs=1", "-n", "cgan-1"], repo, pipeline_env())
+    params = yaml.safe_load((repo / "params.yaml").read_text())  # the experiment, applied to the workspace
+    assert {key: params[key] for key in TRAINED} == cgan
+    assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 1
+    run(["dvc", "exp", "run", "-S", "lr=0.0001", "-n", "mlp-lr"], repo, pipeline_env())
+
+    shown = shown_params(repo)
+    assert {key: shown["cgan-1"][key] for key in TRAINED} == cgan
+    assert {key: shown["mlp-lr"][key] for key in TRAINED} == mlp
+    assert shown["mlp-lr"]["eval"] == shown["cgan-1"]["eval"] == {"seed": 1234, "n_samples": 200}
+    diff = json.loads(run(["dvc", "params", "diff", "cgan-1", "mlp-lr", "--json"], repo, pipeline_env()))
+    assert {key: (change["old"], change["new"]) for key, change in diff["params.yaml"].items()} == {
+        key: (cgan[key], mlp[key]) for key in TRAINED}
+
+
+def test_evaluate_and_plot_rerun_in_a_store_without_the_training_run(repo, tmp_path):
+    """A clone that got the models by `dvc pull` has no record of their training run: evaluate and
+    plot still run, into one new run tagged with the training run's id. Only an unreachable store
+    stops them, in one line."""
+    for name in ("mlflow.db", "mlruns"):
+        shutil.move(repo / name, tmp_path / name)
+    training_run = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+    set_conf(repo, eval={"n_samples": 300})
+    out = run(["dvc", "repro"], repo, pipeline_env())
+    assert "Running stage 'train'" not in out and "Running stage 'plot'" in out
+    assert out.count(f"MLflow run {training_run}") == 1  # evaluate warns; plot finds its run
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (mirror,) = client.search_runs([client.get_experiment_by_name("mnist-gan").experiment_id])
+    assert mirror.info.status == "FINISHED" and mirror.data.tags["training_run_id"] == training_run
+    assert mirror.data.params["eval.n_samples"] == "300" and "eval/fid" in mirror.data.metrics
+    assert {a.path for a in client.list_artifacts(mirror.info.run_id, "plots")} >= {"plots/d_scores.png"}
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert evaluation["fid"] == pytest.approx(mirror.data.metrics["eval/fid"], abs=1e-6)
+
+    with socket.socket() as probe:  # a free port, closed again: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    set_conf(repo, eval={"n_samples": 250})
+    failed = subprocess.run(["dvc", "repro"], cwd=repo, env=pipeline_env() | {"MLFLOW_TRACKING_URI": closed},
+                            capture_output=True, text=True, check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("ERROR stages/evaluate.py")]
+    assert f"MLflow tracking server {closed} is unreachable" in line

@@ -9,12 +9,13 @@ import torch
 import yaml
 
 from mnist_gan.classifier import train_classifier
+from mnist_gan.composition import CompositionError, compose
 from mnist_gan.data import to_model_input
 from mnist_gan.models import ConvGenerator, build_models, load_model, save_model
-from mnist_gan.params import ParamsError, parse_params
+from mnist_gan.params import MODELS, ParamsError, parse_params
 from mnist_gan.quality import quality_metrics
 from mnist_gan.training import latents, sample, train
-from tests.conftest import REPO, synthetic_digits
+from tests.conftest import REPO, TRAINED, synthetic_digits
 
 CPU = torch.device("cpu")
 
@@ -34,40 +35,35 @@ def data() -> dict[str, torch.Tensor]:
     return {"train_images": x, "train_labels": y, "test_images": tx, "test_labels": ty}
 
 
-def test_model_brings_its_preset_and_top_level_values_override_it():
-    raw = _raw()
-    mlp = parse_params(raw)
-    assert (mlp.model, mlp.epochs, mlp.beta1, mlp.ema, mlp.width) == ("mlp", 200, 0.9, 0.0, 256)
-    cgan = parse_params(raw | {"model": "cgan"})
-    assert dataclasses.asdict(cgan) | {"model": "mlp"} != dataclasses.asdict(mlp)
-    preset = raw["presets"]["cgan"]
-    assert (cgan.epochs, cgan.batch_size, cgan.beta1, cgan.ema) == (
-        preset["epochs"], preset["batch_size"], preset["beta1"], preset["ema"])
-    # `dvc exp run -S lr=0.0001` overrides the lr of whichever preset is chosen
-    assert parse_params(raw | {"model": "dcgan", "lr": 0.0001}).lr == 0.0001
-    assert parse_params(raw | {"ema": 0.999}).ema == 0.999
+def test_every_model_file_sets_the_same_keys_and_params_knows_each_model():
+    files = sorted((REPO / "conf/model").glob("*.yaml"))
+    assert sorted(MODELS) == [f.stem for f in files]
+    for file in files:
+        assert file.read_text().startswith("# @package _global_\n")  # its keys are top-level params
+        assert list(yaml.safe_load(file.read_text())) == list(TRAINED), file.name
+        assert yaml.safe_load(file.read_text())["model"] == file.stem
+
+
+def test_a_model_brings_its_values_and_set_params_override_them():
+    """What `dvc exp run -S model=cgan -S epochs=5` and `-S lr=0.0001` write to params.yaml."""
+    cgan = yaml.safe_load((REPO / "conf/model/cgan.yaml").read_text())
+    composed = parse_params(yaml.safe_load(compose(REPO, ["model=cgan", "epochs=5"])))
+    assert {key: getattr(composed, key) for key in TRAINED} == cgan | {"epochs": 5}
+    mlp = parse_params(yaml.safe_load(compose(REPO, ["lr=0.0001"])))
+    assert dataclasses.replace(mlp, lr=2e-4) == parse_params(_raw())
+    with pytest.raises(CompositionError, match=r"Could not find 'model/gan2' Available options in 'model': "
+                                               r"cgan dcgan mlp$"):
+        compose(REPO, ["model=gan2"])
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, dcgan, cgan"),
+    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, dcgan, cgan \(the files of"),
     ({"ema": 1.0}, r"'ema' = 1.0 is invalid"),
     ({"beta1": -0.5}, r"'beta1' = -0.5 is invalid"),
-    ({"presets": None}, r"'presets' must map each model name"),
 ])
 def test_bad_model_params_are_clear_errors(change, message):
     with pytest.raises(ParamsError, match=message):
         parse_params(_raw() | change)
-
-
-def test_a_preset_missing_a_key_or_with_a_wrong_type_is_named():
-    raw = _raw()
-    raw["presets"]["dcgan"] = {k: v for k, v in raw["presets"]["dcgan"].items() if k != "lr"}
-    with pytest.raises(ParamsError, match=r"'presets.dcgan' must set exactly epochs, batch_size, lr"):
-        parse_params(raw)
-    raw = _raw()
-    raw["presets"]["cgan"]["epochs"] = "many"
-    with pytest.raises(ParamsError, match=r"'presets.cgan.epochs' must be int"):
-        parse_params(raw)
 
 
 @pytest.mark.parametrize("model", ["mlp", "dcgan", "cgan"])

@@ -24,6 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_gan.tracking import EXPERIMENT
+from tests.conftest import REPO
 from tests.test_pipeline import make_repo, pipeline_env, run
 
 pytestmark = pytest.mark.slow
@@ -66,8 +67,8 @@ def test_concurrent_runs_on_a_fresh_store(tmp_path):
     (MLflow creates the schema without a lock; tracking.prepare_store serialises it). They run
     as queued DVC experiments do: in a copy of the repo, with DVC_ROOT naming the repo."""
     script = ("from mnist_gan import tracking\n"
-              "from mnist_gan.params import Params\n"
-              "with tracking.open_run(params=Params()) as tracker:\n"
+              "from mnist_gan.params import load_params\n"
+              f"with tracking.open_run(params=load_params({str(REPO / 'params.yaml')!r})) as tracker:\n"
               "    for epoch in range(1, 21):\n"
               "        tracker.log_epoch({'epoch': epoch, 'p_real': 0.9, 'p_fake': 0.1})\n")
     copy = tmp_path / ".dvc/tmp/exps/copy"

@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_gan import tracking
-from mnist_gan.tracking import TrackingError, open_run, open_training_run
+from mnist_gan.tracking import TrackingError, open_run, open_stage_run, open_training_run
 from tests.conftest import use_mlflow_store
 
 METRICS = ("p_real", "p_fake", "loss_d", "loss_g", "seconds")
@@ -113,6 +113,30 @@ def test_resume_whose_run_is_gone_starts_a_new_run_with_the_checkpoint_epochs(cl
     assert run.data.tags["resumed_from_missing_run"] == gone and run.data.params["lr"] == "0.0002"
 
 
-def test_check_run_names_a_missing_run_and_the_store(client):
-    with pytest.raises(TrackingError, match=r"MLflow run 1{32} is not in sqlite:///.*mlflow.db"):
-        tracking.check_run("1" * 32)
+def test_stage_run_is_the_training_run_when_the_store_has_it(client, tiny_params):
+    with open_run(params=tiny_params, device="cpu") as training:
+        pass
+    with open_stage_run(training.run_id, tiny_params, "cpu") as stage:
+        stage.log_metrics({"fid": 3.0}, prefix="eval")
+    assert stage.run_id == training.run_id
+    assert client.get_run(training.run_id).data.metrics["eval/fid"] == 3.0
+
+
+def test_stage_run_for_a_training_run_the_store_lacks_is_one_new_tagged_run(client, tiny_params, caplog,
+                                                                            monkeypatch):
+    """A clone after `dvc pull`: evaluate makes a new run, warning once; plot finds it by its tag."""
+    missing = "2" * 32
+    monkeypatch.setenv("DVC_EXP_NAME", "pulled-exp")
+    with caplog.at_level("WARNING", logger="mnist_gan.tracking"):
+        with open_stage_run(missing, tiny_params, "cpu") as evaluate:
+            evaluate.log_metrics({"fid": 4.0}, prefix="eval")
+        with open_stage_run(missing, tiny_params, "cpu") as plot:
+            plot.log_metrics({"classes": 10}, prefix="plot")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"MLflow run {missing}" in warnings[0] and "new run" in warnings[0]
+    assert plot.run_id == evaluate.run_id != missing
+    run = client.get_run(evaluate.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "pulled-exp"
+    assert run.data.tags["training_run_id"] == missing and run.data.tags["dvc_exp_name"] == "pulled-exp"
+    assert run.data.metrics == {"eval/fid": 4.0, "plot/classes": 10.0}
+    assert run.data.params["lr"] == str(tiny_params.lr)

@@ -11,19 +11,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mnist_gan import tracking
-from mnist_gan.compare import CompareError
-from mnist_gan.generate import GenerateError
-from mnist_gan.metrics_diff import MetricsDiffError
-from mnist_gan.params import ParamsError
-from mnist_gan.registry import PromoteError
-
-# failures a user can fix: one line on stderr, exit status 2, no traceback
-USER_ERRORS = (CompareError, GenerateError, MetricsDiffError, ParamsError, PromoteError,
-               tracking.TrackingError)
+# failures a user can fix: one line on stderr, exit status 2, no traceback; each subcommand imports
+# what it needs itself, so `generate` from a file does not load MLflow
+from mnist_gan.errors import UserError
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from mnist_gan import tracking
     from mnist_gan.compare import compare
 
     print(compare(args.tracking_uri or tracking.tracking_uri(), args.metric, args.ascending, args.runs,
@@ -66,6 +60,13 @@ def promote_command(args: argparse.Namespace) -> int:
 
     run_id = args.run_id or read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
     print(promote(run_id).message)
+    return 0
+
+
+def compose_command(args: argparse.Namespace) -> int:
+    from mnist_gan.composition import sync
+
+    print(sync(Path.cwd()))
     return 0
 
 
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--run", dest="run_id",
                       help="MLflow run id (default: the workspace's, from metrics/train.json)")
     prom.set_defaults(run=promote_command)
+
+    comp = commands.add_parser(
+        "compose", help="write params.yaml from conf/, as `dvc exp run` does (make repro runs it)",
+        description="Compose conf/ into params.yaml with DVC's Hydra support, as every `dvc exp run` "
+                    "does, so that `dvc repro` runs the same params. Refuses (exit 2) when params.yaml "
+                    "holds uncommitted edits that composing would throw away.")
+    comp.set_defaults(run=compose_command)
     return parser
 
 
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"mnist-gan {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mnist_gan.errors import UserError
 from mnist_gan.files import atomic_path
 from mnist_gan.params import Params
 
@@ -41,7 +42,7 @@ def save(path: Path, *, params: Params, epoch: int, generator: torch.nn.Module,
         torch.save(state, tmp)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that exists but cannot be resumed from."""
 
 

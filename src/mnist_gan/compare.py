@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from mnist_gan.errors import UserError  # noqa: E402
 from mnist_gan.files import atomic_path  # noqa: E402
 from mnist_gan.tracking import EXPERIMENT  # noqa: E402
 
@@ -27,7 +28,7 @@ D_SCORES = ("p_real", "p_fake")
 NAME, RUN = "run", "run_id"
 
 
-class CompareError(RuntimeError):
+class CompareError(UserError):
     """No store, no runs, or no run with the requested metric."""
 
 

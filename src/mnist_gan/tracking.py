@@ -1,7 +1,8 @@
 """MLflow tracking around the pipeline: one MLflow run per pipeline run.
 
 The train stage opens the run and records its id in metrics/train.json; the
-evaluate and plot stages reopen the same run to add their metrics and pictures.
+evaluate and plot stages reopen the same run to add their metrics and pictures,
+or, in a store without it, log to a run tagged with its id (open_stage_run).
 Training itself never imports this module (see training.Tracker).
 """
 
@@ -30,15 +31,17 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from mnist_gan.errors import UserError
 from mnist_gan.params import Params
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "mnist-gan"
 GENERATOR_MODEL = "generator"  # the logged model's name: runs:/<run id>/generator
+TRAINING_RUN_TAG = "training_run_id"  # on a run that evaluate/plot logged for a training run it lacks
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """The MLflow tracking store cannot be used; raised before any long work starts."""
 
 
@@ -110,17 +113,6 @@ def _run_exists(run_id: str) -> bool:
     return run.info.lifecycle_stage != "deleted"
 
 
-def check_run(run_id: str) -> None:
-    """Fail fast if the store is unreachable or no longer holds `run_id` (the run the train stage
-    recorded in metrics/train.json), before a stage does the work it would log there."""
-    uri = _connect()
-    if not _run_exists(run_id):
-        raise TrackingError(
-            f"MLflow run {run_id} is not in {uri} (deleted, or MLFLOW_TRACKING_URI changed since "
-            "training); point MLFLOW_TRACKING_URI at the store that holds it, or retrain with "
-            "`dvc repro --force train`")
-
-
 def _experiment_id() -> str:
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
@@ -156,15 +148,15 @@ def _raise_on_signal(signum: int, frame: Any) -> None:
 
 @contextmanager
 def open_run(run_id: str | None = None, *, params: Params | None = None,
-             device: str | None = None) -> Iterator[MlflowTracker]:
-    """Start a new run (logging params and tags) or reopen `run_id`.
+             device: str | None = None, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
+    """Start a new run (logging params, `tags` and the project's own) or reopen `run_id`.
 
     The run ends FINISHED on success and FAILED, with the reason as a tag, when the
     block raises or the process is terminated, so no run is left RUNNING by an error.
     """
     uri = _connect()
     if run_id is None:
-        tags = {"git_commit": _git_commit(), "device": device or "unknown"}
+        tags = {"git_commit": _git_commit(), "device": device or "unknown", **(tags or {})}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         run = mlflow.start_run(experiment_id=_experiment_id(), run_name=os.environ.get("DVC_EXP_NAME"),
@@ -192,6 +184,30 @@ def open_run(run_id: str | None = None, *, params: Params | None = None,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def open_stage_run(training_run_id: str, params: Params, device: str) -> Iterator[MlflowTracker]:
+    """The run evaluate and plot log to: the training run, `training_run_id` from metrics/train.json.
+
+    A store without it (a clone that got the models by `dvc pull`, another MLFLOW_TRACKING_URI)
+    gets a new run tagged with that id and the DVC experiment's name, created once (with a
+    warning) and found by the tag afterwards, so that evaluate and plot share it. The metrics
+    files are the product and the MLflow record their mirror: a missing record is no reason to
+    refuse the work. Only a store that cannot be reached is an error.
+    """
+    uri = _connect()
+    run_id: str | None = training_run_id
+    if not _run_exists(training_run_id):
+        found = MlflowClient().search_runs(
+            [_experiment_id()], filter_string=f"tags.{TRAINING_RUN_TAG} = '{training_run_id}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            log.warning("MLflow run %s (the training run of metrics/train.json) is not in %s: logging to a "
+                        "new run tagged %s=%s", training_run_id, uri, TRAINING_RUN_TAG, training_run_id)
+    with open_run(run_id, params=params, device=device, tags={TRAINING_RUN_TAG: training_run_id}) as tracker:
+        yield tracker
 
 
 def _end_failed(run_id: str, err: BaseException) -> None:

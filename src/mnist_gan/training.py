@@ -19,17 +19,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from mnist_gan import checkpoint as ckpt
+from mnist_gan.errors import UserError
 from mnist_gan.losses import loss_d as compute_loss_d
 from mnist_gan.losses import loss_g as compute_loss_g
 from mnist_gan.models import N_CLASSES, DiscriminatorModel, GeneratorModel, build_models
-from mnist_gan.params import Params
+from mnist_gan.params import Params, ParamsError
 
 log = logging.getLogger(__name__)
 
 N_FIXED_NOISE = 16  # one 4x4 sample grid
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -163,7 +164,7 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
     """
     tracker = tracker or NullTracker()
     if params.batch_size > len(train_images):
-        raise ValueError(f"'batch_size' = {params.batch_size} is larger than the training set "
+        raise ParamsError(f"'batch_size' = {params.batch_size} is larger than the training set "
                          f"({len(train_images)} images); lower batch_size")
     torch.manual_seed(params.seed)  # dropout draws from the global RNG, so seed it
     generator, discriminator = build_models(params.model, params.d_noise, params.width, params.dropout,
