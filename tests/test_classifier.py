@@ -60,7 +60,7 @@ def test_training_reaches_high_accuracy():
 
 def test_training_is_seeded():
     x, y = synthetic_inputs(200, seed=1)
-    params = ClassifierParams(seed=3, epochs=1, batch_size=32)
+    params = ClassifierParams(seed=3, epochs=1, batch_size=32, lr=1e-3)
     first, acc_first = train_classifier(x, y, x, y, params, CPU)
     second, acc_second = train_classifier(x, y, x, y, params, CPU)
     assert acc_first == acc_second
@@ -71,7 +71,7 @@ def test_training_is_seeded():
 def test_stage_writes_the_weights_and_the_accuracy(tmp_path, monkeypatch):
     write_synthetic_mnist(tmp_path / "data" / "MNIST" / "raw")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params |= {"device": "cpu", "classifier": {"epochs": 1, "batch_size": 32, "lr": 0.003}}
+    params |= {"device": "cpu", "classifier": {"seed": 0, "epochs": 1, "batch_size": 32, "lr": 0.003}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(REPO / "stages" / "train_classifier.py"))["main"]()
