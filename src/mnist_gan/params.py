@@ -66,7 +66,8 @@ class CiParams:
 @dataclass(frozen=True)
 class Params:
     """Every key of params.yaml. What each means, and its default, is in conf/ (config.yaml and
-    the model files of conf/model/, which set the same seven keys from `epochs` to `dropout`)."""
+    the model files of conf/model/, which each set `model` and the seven keys from `epochs` to
+    `dropout`)."""
 
     model: str
     seed: int
