@@ -21,8 +21,8 @@ def test_each_stage_reports_a_bad_param_in_one_line(tmp_path, script):
     done = subprocess.run([sys.executable, str(REPO / "stages" / script)], cwd=tmp_path, capture_output=True,
                           text=True, check=False, env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == [
-        f"ERROR {REPO / 'stages' / script}: params.yaml: 'lr' = -1.0 is invalid: must be in (0, 1), e.g. 0.0002"]
+    message = "params.yaml: 'lr' = -1.0 is invalid: must be in (0, 1), e.g. 0.0002"
+    assert done.stderr.splitlines() == [f"ERROR {REPO / 'stages' / script}: {message}"]
 
 
 def test_run_stage_leaves_a_bug_its_traceback():
