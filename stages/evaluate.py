@@ -1,6 +1,5 @@
 """DVC stage `evaluate`: metrics/eval.json for the trained GAN, also logged to its MLflow run."""
 
-
 import torch
 
 from mnist_gan import paths, tracking

@@ -1,6 +1,5 @@
 """DVC stage `plot`: PNGs under plots/, also logged to the run's MLflow record."""
 
-
 import pandas as pd
 import torch
 
