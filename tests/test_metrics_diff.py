@@ -46,3 +46,14 @@ def test_find_metric_prefers_eval_json_and_refuses_ambiguity():
     assert find_metric(diff, "fid") is None
     with pytest.raises(MetricsDiffError, match="several files"):
         find_metric({"a.json": {"x": entry}, "b.json": {"x": entry}}, "x")
+
+
+@pytest.mark.parametrize("lower_is_better, at, past, short", [(True, 20.0, 20.001, 19.999),
+                                                               (False, 12.0, 11.999, 12.001)])
+def test_gate_passes_at_its_exact_threshold_and_fails_just_past_it(lower_is_better, at, past, short):
+    """A quarter worse than 16 (exact in binary floating point): allowed; any more is not."""
+    ci = CiParams(metric="fid", lower_is_better=lower_is_better, max_regression=0.25)
+    exact = verdict(ci, 16.0, at)
+    assert exact.ok and "(+25.0% worse" in exact.message and "within the 25% allowed" in exact.message
+    assert not verdict(ci, 16.0, past).ok
+    assert verdict(ci, 16.0, short).ok

@@ -214,3 +214,12 @@ def test_one_digit_generator_is_caught_by_the_diversity_metrics(judge, real_sets
     assert one["recall"] < 0.2 and one["coverage"] < 0.2
     assert one["inception_score"] < 1.5
     assert one["fid"] > 10 * good["fid"]
+
+
+def test_each_set_is_scored_alone_against_the_real_one():
+    """A shifted copy has the real set's covariance, so its FID is the squared shift exactly; the
+    second set's must not be pooled with the first's (how fid_floor is computed beside fid)."""
+    real = torch.randn(500, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    near, far = real + torch.tensor([0.5, 0.0, 0.0, 0.0]), real + torch.tensor([0.0, 3.0, 4.0, 0.0])
+    assert frechet_distances(real, [near, far]) == pytest.approx([0.25, 25.0], rel=1e-6)
+    assert frechet_distances(real, [far, near]) == pytest.approx([25.0, 0.25], rel=1e-6)
