@@ -279,3 +279,19 @@ def test_to_model_input_equals_torchvision_transforms(tiny_raw):
     assert got.dtype == torch.float32 and got.shape == (10, 784)
     assert torch.equal(got, expected)
     assert got.min() >= -1 and got.max() <= 1
+
+
+def test_the_official_md5s_are_the_published_ones():
+    """Pinned here, from the MNIST distribution (SPEC.md), so that an edit of data.py cannot pass."""
+    assert data.OFFICIAL_MD5 == {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    }
+
+
+def test_md5_covers_the_whole_of_a_file_larger_than_its_read_buffer(tmp_path):
+    path = tmp_path / "big"
+    path.write_bytes(bytes(range(256)) * (14 * 1024))  # 3.5 MiB: several 1 MiB reads
+    assert data._md5(path) == "fd1e48a42e7bd1b2cf963be202a9c063"  # md5 of those bytes, fixed here
