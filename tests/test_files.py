@@ -4,9 +4,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from mnist_gan import files
 from mnist_gan.files import atomic_path, read_json, write_json
 
 
@@ -54,3 +56,30 @@ def test_success_replaces_the_file_with_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_new_content_appears_by_one_rename_of_a_synced_sibling(tmp_path, monkeypatch):
+    """The mechanism, not only the result: readers see the old file until a single rename of a
+    flushed temporary file in the same folder (so on the same filesystem) puts the new one there."""
+    path = tmp_path / "eval.json"
+    path.write_text("old")
+    old_inode = path.stat().st_ino
+    calls = []
+    replace, fsync = os.replace, files._fsync
+
+    def recorded_replace(src, dst):
+        calls.append(("replace", Path(src), Path(dst)))
+        replace(src, dst)
+
+    def recorded_fsync(target):
+        calls.append(("fsync", Path(target)))
+        fsync(target)
+
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    monkeypatch.setattr(files, "_fsync", recorded_fsync)
+    with atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp != path
+        tmp.write_text("new")
+        assert path.read_text() == "old" and calls == []
+    assert calls == [("fsync", tmp), ("replace", tmp, path), ("fsync", tmp_path)]
+    assert path.read_text() == "new" and path.stat().st_ino != old_inode
