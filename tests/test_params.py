@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -90,3 +91,30 @@ def test_training_key_ignores_params_that_do_not_change_the_weights():
     params = load_params(REPO / "params.yaml")
     assert params.training_key() == dataclasses.replace(params, sample_every=7).training_key()
     assert params.training_key() != dataclasses.replace(params, lr=1e-3).training_key()
+
+
+def _with(key: str, value) -> dict:
+    raw = _raw()
+    group, _, name = key.rpartition(".")
+    (raw[group] if group else raw)[name] = value
+    return raw
+
+
+# every bound of the validator: the last value accepted and the first refused, on each side
+BOUNDS = [
+    ("epochs", [1], [0]), ("batch_size", [1], [0]), ("d_noise", [1], [0]), ("width", [1], [0]),
+    ("sample_every", [1], [0]), ("checkpoint_every", [0], [-1]),
+    ("lr", [1e-12, 0.999999], [0.0, 1.0]), ("beta1", [0.0, 0.999999], [-1e-9, 1.0]),
+    ("ema", [0.0, 0.5, 0.999999], [0.499999, 1.0, -0.1]), ("dropout", [0.0, 0.999999], [-1e-9, 1.0]),
+    ("eval.n_samples", [2], [1]), ("classifier.epochs", [1], [0]), ("classifier.batch_size", [1], [0]),
+    ("classifier.lr", [1e-12, 0.999999], [0.0, 1.0]), ("ci.max_regression", [0.0], [-1e-9]),
+]
+
+
+@pytest.mark.parametrize("key, accepted, refused", BOUNDS, ids=[b[0] for b in BOUNDS])
+def test_every_bound_on_both_sides(key, accepted, refused):
+    for value in accepted:
+        parse_params(_with(key, value))
+    for value in refused:
+        with pytest.raises(ParamsError, match=rf"^'{re.escape(key)}' = {re.escape(repr(value))} is invalid"):
+            parse_params(_with(key, value))
