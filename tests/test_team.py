@@ -92,7 +92,10 @@ def test_sweep_runs_queued_experiments_in_parallel_into_the_repo_store(repo):
     # a fresh store: the two workers also race to create its schema
     (repo / "mlflow.db").unlink()
     shutil.rmtree(repo / "mlruns")
-    out = make(repo, "sweep", "SWEEP=lr=0.0001,0.0004", "JOBS=2").stdout
+    # a Hydra sweep over the model group, each experiment composed with its own model file's values
+    # and the lr given (without it, the mlp one would be the committed run, which DVC restores from
+    # its run cache instead of training)
+    out = make(repo, "sweep", "SWEEP=model=mlp,cgan lr=0.0003", "JOBS=2").stdout
 
     runs = finished_runs(f"sqlite:///{repo / 'mlflow.db'}")
     assert len(runs) == 2, out
@@ -104,7 +107,9 @@ def test_sweep_runs_queued_experiments_in_parallel_into_the_repo_store(repo):
         assert "eval/p_real" in mlflow_run.data.metrics  # evaluate logged into the same run
         # artifacts under the repo's mlruns/, not the deleted temporary copy of the queue
         assert mlflow_run.info.artifact_uri.startswith((repo / "mlruns").as_uri())
-    assert sorted(r.data.params["lr"] for r in runs) == ["0.0001", "0.0004"]
+    trained = {r.data.params["model"]: (r.data.params["batch_size"], r.data.params["beta1"],
+                                        r.data.params["lr"]) for r in runs}
+    assert trained == {"mlp": ("200", "0.9", "0.0003"), "cgan": ("64", "0.5", "0.0003")}
 
     status = run(["dvc", "queue", "status"], repo, pipeline_env())
     shown = run(["dvc", "exp", "show", "--json"], repo, pipeline_env())
@@ -113,7 +118,7 @@ def test_sweep_runs_queued_experiments_in_parallel_into_the_repo_store(repo):
         assert any(name in line and "Success" in line for line in status.splitlines()), status
 
     compared = run([*CLI, "compare", "--metric", "p_fake"], repo, pipeline_env())
-    assert all(name in compared for name in names) and "lr" in compared.splitlines()[1]
+    assert all(name in compared for name in names) and "batch_size" in compared.splitlines()[1]
     assert (repo / "plots/compare.png").stat().st_size > 0
 
 
