@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from mnist_gan.params import Params, load_params
@@ -39,6 +41,16 @@ def write_synthetic_mnist(raw_dir: Path, n_train: int = 1000, n_test: int = 200)
         write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
     return raw_dir
+
+
+def raw_params(**values: Any) -> dict[str, Any]:
+    """The repo's params.yaml as a plain mapping, with `values` set; a dotted key sets a group's key
+    (pass them as a dict: `raw_params(**{"eval.n_samples": 5})`)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in values.items():
+        group, _, name = key.rpartition(".")
+        (raw[group] if group else raw)[name] = value
+    return raw
 
 
 def use_mlflow_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:

@@ -6,11 +6,7 @@ import torch
 import yaml
 
 from mnist_gan.params import ParamsError, load_params, parse_params
-from tests.conftest import REPO
-
-
-def _raw() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+from tests.conftest import REPO, raw_params
 
 
 def test_repo_params_match_the_tutorial():
@@ -33,7 +29,7 @@ def test_repo_params_match_the_tutorial():
     ("lr", "fast", "'lr' must be float"),
 ])
 def test_bad_values_name_the_key(key, value, message):
-    raw = _raw() | {key: value}
+    raw = raw_params() | {key: value}
     with pytest.raises(ParamsError, match=message):
         parse_params(raw)
 
@@ -43,13 +39,13 @@ def test_bad_values_name_the_key(key, value, message):
     (["lr", "beta1"], r"^missing keys lr, beta1;"),
 ])
 def test_a_missing_key_is_named(missing, message):
-    raw = {key: value for key, value in _raw().items() if key not in missing}
+    raw = {key: value for key, value in raw_params().items() if key not in missing}
     with pytest.raises(ParamsError, match=message):
         parse_params(raw)
 
 
 def test_a_missing_group_key_is_named_with_its_group():
-    raw = _raw()
+    raw = raw_params()
     raw["eval"] = {"seed": 1}
     with pytest.raises(ParamsError, match=r"^missing key eval.n_samples;"):
         parse_params(raw)
@@ -57,11 +53,11 @@ def test_a_missing_group_key_is_named_with_its_group():
 
 def test_typo_key_is_rejected_with_a_suggestion():
     with pytest.raises(ParamsError, match=r"unknown key 'lrr' \(did you mean 'lr'\?\)"):
-        parse_params(_raw() | {"lrr": 0.1})
+        parse_params(raw_params() | {"lrr": 0.1})
 
 
 def test_nested_typo_names_the_group():
-    raw = _raw()
+    raw = raw_params()
     raw["eval"] = raw["eval"] | {"n_sample": 5}
     with pytest.raises(ParamsError, match=r"unknown key 'eval.n_sample' \(did you mean 'eval.n_samples'\?\)"):
         parse_params(raw)
@@ -70,18 +66,18 @@ def test_nested_typo_names_the_group():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_is_an_error():
     with pytest.raises(ParamsError, match="no CUDA GPU"):
-        parse_params(_raw() | {"device": "cuda"})
+        parse_params(raw_params() | {"device": "cuda"})
 
 
 def test_load_params_prefixes_the_file(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(_raw() | {"lr": -1}))
+    path.write_text(yaml.safe_dump(raw_params() | {"lr": -1}))
     with pytest.raises(ParamsError, match=f"^{path}: 'lr'"):
         load_params(path)
 
 
 def test_int_is_accepted_for_float_and_flat_keys_are_dotted():
-    params = parse_params(_raw() | {"dropout": 0})
+    params = parse_params(raw_params() | {"dropout": 0})
     assert isinstance(params.dropout, float) and params.dropout == 0.0
     flat = params.flat()
     assert flat["data.source"] == "auto" and flat["eval.n_samples"] == 10_000 and flat["lr"] == 2e-4
@@ -91,13 +87,6 @@ def test_training_key_ignores_params_that_do_not_change_the_weights():
     params = load_params(REPO / "params.yaml")
     assert params.training_key() == dataclasses.replace(params, sample_every=7).training_key()
     assert params.training_key() != dataclasses.replace(params, lr=1e-3).training_key()
-
-
-def _with(key: str, value) -> dict:
-    raw = _raw()
-    group, _, name = key.rpartition(".")
-    (raw[group] if group else raw)[name] = value
-    return raw
 
 
 # every bound of the validator: the last value accepted and the first refused, on each side
@@ -114,7 +103,7 @@ BOUNDS = [
 @pytest.mark.parametrize("key, accepted, refused", BOUNDS, ids=[b[0] for b in BOUNDS])
 def test_every_bound_on_both_sides(key, accepted, refused):
     for value in accepted:
-        parse_params(_with(key, value))
+        parse_params(raw_params(**{key: value}))
     for value in refused:
         with pytest.raises(ParamsError, match=rf"^'{re.escape(key)}' = {re.escape(repr(value))} is invalid"):
-            parse_params(_with(key, value))
+            parse_params(raw_params(**{key: value}))

@@ -15,13 +15,9 @@ from mnist_gan.models import ConvGenerator, build_models, load_model, save_model
 from mnist_gan.params import MODELS, ParamsError, parse_params
 from mnist_gan.quality import quality_metrics
 from mnist_gan.training import latents, sample, train
-from tests.conftest import REPO, TRAINED, synthetic_digits
+from tests.conftest import REPO, TRAINED, raw_params, synthetic_digits
 
 CPU = torch.device("cpu")
-
-
-def _raw() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +46,7 @@ def test_a_model_brings_its_values_and_set_params_override_them():
     composed = parse_params(yaml.safe_load(compose(REPO, ["model=cgan", "epochs=5"])))
     assert {key: getattr(composed, key) for key in TRAINED} == cgan | {"epochs": 5}
     mlp = parse_params(yaml.safe_load(compose(REPO, ["lr=0.0001"])))
-    assert dataclasses.replace(mlp, lr=2e-4) == parse_params(_raw())
+    assert dataclasses.replace(mlp, lr=2e-4) == parse_params(raw_params())
     with pytest.raises(CompositionError, match=r"Could not find 'model/gan2' Available options in 'model': "
                                                r"cgan dcgan mlp$"):
         compose(REPO, ["model=gan2"])
@@ -63,7 +59,7 @@ def test_a_model_brings_its_values_and_set_params_override_them():
 ])
 def test_bad_model_params_are_clear_errors(change, message):
     with pytest.raises(ParamsError, match=message):
-        parse_params(_raw() | change)
+        parse_params(raw_params() | change)
 
 
 @pytest.mark.parametrize("model", ["mlp", "dcgan", "cgan"])

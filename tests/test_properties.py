@@ -9,15 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnist_gan.data import DataError, read_idx, write_idx
 from mnist_gan.params import ParamsError, parse_params
-from tests.conftest import REPO
-
-RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+from tests.conftest import raw_params
 
 
 def _read(content: bytes) -> np.ndarray:
@@ -66,20 +63,13 @@ BOUNDED = {"lr": (0.0, 1.0), "beta1": (0.0, 1.0), "dropout": (0.0, 1.0), "classi
 OPEN_LOW = {"lr", "classifier.lr"}  # 0 itself refused
 
 
-def _with(key: str, value) -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(RAW))
-    group, _, name = key.rpartition(".")
-    (raw[group] if group else raw)[name] = value
-    return raw
-
-
 @settings(max_examples=60, deadline=None)
 @given(key=st.sampled_from(sorted(BOUNDED)), value=st.floats(-10, 10, allow_nan=False))
 def test_a_fraction_param_is_accepted_exactly_inside_its_interval(key, value):
     low, high = BOUNDED[key]
     inside = (low < value if key in OPEN_LOW else low <= value) and value < high
     try:
-        parse_params(_with(key, value))
+        parse_params(raw_params(**{key: value}))
     except ParamsError as err:
         assert not inside and str(err).startswith(f"'{key}' = {value!r} is invalid")
     else:
@@ -91,7 +81,7 @@ def test_a_fraction_param_is_accepted_exactly_inside_its_interval(key, value):
 def test_ema_is_off_or_a_decay_in_half_to_one(value):
     inside = value == 0 or 0.5 <= value < 1
     try:
-        parse_params(_with("ema", value))
+        parse_params(raw_params(ema=value))
     except ParamsError as err:
         assert not inside and str(err).startswith(f"'ema' = {value!r} is invalid")
     else:
@@ -105,7 +95,7 @@ def test_ema_is_off_or_a_decay_in_half_to_one(value):
 def test_a_count_param_is_accepted_from_its_least_value(key, value):
     least = {"checkpoint_every": 0, "eval.n_samples": 2}.get(key, 1)
     try:
-        parse_params(_with(key, value))
+        parse_params(raw_params(**{key: value}))
     except ParamsError as err:
         assert value < least and str(err).startswith(f"'{key}' = {value} is invalid")
     else:
