@@ -95,16 +95,20 @@ def test_outputs_and_metrics(repo):
         assert (repo / name).stat().st_size > 0, name
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["epochs"] == 2 and train["device"] == "cpu"
-    assert 0 < train["p_real"] < 1 and 0 < train["p_fake"] < 1
-    evaluation = json.loads((repo / "metrics/eval.json").read_text())
-    assert 0 < evaluation["p_real"] < 1 and 0 < evaluation["p_fake"] < 1
-    assert evaluation["fid"] > evaluation["fid_floor"] >= 0
-    assert 0 <= evaluation["recall"] <= 1 and 0 <= evaluation["classes_covered"] <= 10
-    assert abs(sum(evaluation[f"class_{k}"] for k in range(10)) - 1) < 1e-4
-    assert 0 <= json.loads((repo / "metrics/classifier.json").read_text())["accuracy"] <= 1
     history = pd.read_csv(repo / "metrics/history.csv")
     assert list(history.columns) == ["epoch", "p_real", "p_fake", "loss_d", "loss_g", "seconds"]
     assert history["epoch"].tolist() == [1, 2]
+    # the summary is the last epoch's record (history.csv keeps 6 significant digits)
+    last = history.iloc[-1]
+    assert (train["p_real"], train["p_fake"]) == pytest.approx((last["p_real"], last["p_fake"]), rel=1e-5)
+    assert train["seconds_per_epoch"] == pytest.approx(train["train_seconds"] / 2, abs=1e-3)
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    # the values themselves are checked by hand on a known case in test_evaluate; here, that the
+    # stage gave every metric, the histogram is one, and classes_covered counts its >= 2 % bins
+    histogram = [evaluation[f"class_{k}"] for k in range(10)]
+    assert sum(histogram) == pytest.approx(1, abs=1e-5)
+    assert evaluation["classes_covered"] == sum(share >= 0.02 for share in histogram)
+    assert evaluation["fid"] > evaluation["fid_floor"]  # two epochs of training are not real data
     assert not (repo / "checkpoints/train.pt").exists()  # removed once training completed
 
 
@@ -115,7 +119,11 @@ def test_mlflow_run(repo, client):
     assert mlflow_run.data.params["lr"] == "0.0002" and mlflow_run.data.params["eval.n_samples"] == "200"
     assert mlflow_run.data.tags["device"] == "cpu" and len(mlflow_run.data.tags["git_commit"]) == 40
     assert [m.step for m in client.get_metric_history(run_id, "p_real")] == [1, 2]
-    assert {"eval/p_fake", "eval/fid", "eval/recall", "eval/coverage"} <= set(mlflow_run.data.metrics)
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert {key: mlflow_run.data.metrics[f"eval/{key}"] for key in evaluation} == evaluation
+    history = pd.read_csv(repo / "metrics/history.csv")
+    logged = [m.value for m in client.get_metric_history(run_id, "p_fake")]
+    assert logged == pytest.approx(history["p_fake"].tolist(), rel=1e-5)
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert artifacts == {"plots/d_scores.png", "plots/samples.png", "plots/real_vs_fake.png",
                          "plots/class_histogram.png"}
