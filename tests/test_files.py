@@ -83,3 +83,10 @@ def test_new_content_appears_by_one_rename_of_a_synced_sibling(tmp_path, monkeyp
         assert path.read_text() == "old" and calls == []
     assert calls == [("fsync", tmp), ("replace", tmp, path), ("fsync", tmp_path)]
     assert path.read_text() == "new" and path.stat().st_ino != old_inode
+
+
+def test_json_is_indented_sorted_and_ends_with_a_newline(tmp_path):
+    """The form DVC shows in diffs and reviews read: stable key order, one key per line."""
+    path = tmp_path / "eval.json"
+    write_json(path, {"recall": 0.5, "fid": 2.0})
+    assert path.read_text() == '{\n  "fid": 2.0,\n  "recall": 0.5\n}\n'

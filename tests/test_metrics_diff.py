@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mnist_gan.metrics_diff import MetricsDiffError, find_metric, judge, report
+from mnist_gan.metrics_diff import MetricsDiffError, Verdict, find_metric, judge, report
 from mnist_gan.params import CiParams
 
 FID = CiParams(metric="fid", lower_is_better=True, max_regression=0.10)
@@ -38,10 +38,21 @@ def test_higher_is_better():
 
 
 def test_missing_metric_fails_and_a_new_one_passes():
-    assert not judge(None, FID, "`main`", "workspace").ok  # in neither revision
-    assert not verdict(FID, 20.0, None).ok                   # dropped by the new revision
-    new = verdict(FID, None, 20.0)                           # the baseline predates the metric
-    assert new.ok and "no baseline" in new.message
+    missing = ("**FAIL** `fid` is missing at workspace: nothing to judge (set `ci.metric` in "
+               "conf/config.yaml to a metric the pipeline writes)")
+    assert judge(None, FID, "`main`", "workspace") == Verdict(False, missing)  # in neither revision
+    assert verdict(FID, 20.0, None) == Verdict(False, missing)                # dropped by the new one
+    # the baseline predates the metric
+    assert verdict(FID, None, 20.0) == Verdict(True, "**PASS** `fid` = 20 at workspace; `main` has no "
+                                                     "baseline value")
+
+
+def test_the_verdicts_in_full():
+    assert verdict(FID, 20.0, 21.0) == Verdict(
+        True, "**PASS** `fid`: 20 -> 21 (+5.0% worse; lower is better), within the 10% allowed")
+    assert verdict(PRECISION, 0.8, 0.7) == Verdict(
+        False, "**FAIL** `precision` regressed: 0.8 -> 0.7 (+12.5% worse; higher is better), more than "
+               "the 5% allowed by `ci.max_regression`")
 
 
 def test_find_metric_prefers_eval_json_and_refuses_ambiguity():
@@ -49,8 +60,10 @@ def test_find_metric_prefers_eval_json_and_refuses_ambiguity():
     diff = {"metrics/train.json": {"p_real": {"old": 0, "new": 0}}, "metrics/eval.json": {"p_real": entry}}
     assert find_metric(diff, "p_real") == entry
     assert find_metric(diff, "fid") is None
-    with pytest.raises(MetricsDiffError, match="several files"):
-        find_metric({"a.json": {"x": entry}, "b.json": {"x": entry}}, "x")
+    assert find_metric({"metrics/train.json": {"p_real": entry}}, "p_real") == entry  # in one other file
+    with pytest.raises(MetricsDiffError, match=r"^metric 'x' is in several files \(a.json, b.json\); move it "
+                                               r"to metrics/eval.json or rename it$"):
+        find_metric({"b.json": {"x": entry}, "a.json": {"x": entry}}, "x")
 
 
 @pytest.mark.parametrize("lower_is_better, at, past, short", [(True, 20.0, 20.001, 19.999),

@@ -1,3 +1,6 @@
+import os
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -142,3 +145,13 @@ def test_generator_exports_for_mlflow_pt2_format(tmp_path):
     torch.export.save(exported, tmp_path / "generator.pt2")
     z = torch.randn(2, 100)
     torch.testing.assert_close(torch.export.load(tmp_path / "generator.pt2").module()(z), generator(z))
+
+
+def test_load_model_refuses_a_file_that_would_run_code(tmp_path):
+    """torch.load with weights_only: a model file from elsewhere cannot execute anything on load."""
+    path = tmp_path / "generator.pt"
+    save_model(Generator(d_noise=4, width=8), path)
+    state = torch.load(path, weights_only=True)
+    torch.save(state | {"payload": os.system}, path)  # a reference to a function, called by a crafted file
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_model(path, torch.device("cpu"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from mnist_gan.params import ParamsError, load_params, parse_params
+from mnist_gan.params import Params, ParamsError, load_params, parse_params, resolve_device
 from tests.conftest import REPO, raw_params
 
 
@@ -85,8 +85,19 @@ def test_int_is_accepted_for_float_and_flat_keys_are_dotted():
 
 def test_training_key_ignores_params_that_do_not_change_the_weights():
     params = load_params(REPO / "params.yaml")
-    assert params.training_key() == dataclasses.replace(params, sample_every=7).training_key()
-    assert params.training_key() != dataclasses.replace(params, lr=1e-3).training_key()
+    key = params.training_key()
+    assert key == dataclasses.replace(params, sample_every=7, checkpoint_every=3).training_key()
+    # the groups (data, eval, classifier, ci) are other stages' business
+    assert key == parse_params(raw_params(**{"eval.seed": 1, "classifier.lr": 0.01, "ci.metric": "x"})
+                               ).training_key()
+    assert "lr" in key and "seed" in key and not any("." in name for name in key)
+    assert key != dataclasses.replace(params, lr=1e-3).training_key()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda")  # validation has checked that it exists
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # every bound of the validator: the last value accepted and the first refused, on each side
@@ -107,3 +118,62 @@ def test_every_bound_on_both_sides(key, accepted, refused):
     for value in refused:
         with pytest.raises(ParamsError, match=rf"^'{re.escape(key)}' = {re.escape(repr(value))} is invalid"):
             parse_params(raw_params(**{key: value}))
+
+
+# the whole one-line message of each check, as the user reads it
+MESSAGES = [
+    ("model", "gan", "must be one of mlp, dcgan, cgan (the files of conf/model/)"),
+    ("epochs", 0, "must be an integer >= 1"), ("batch_size", 0, "must be an integer >= 1"),
+    ("lr", 0.0, "must be in (0, 1), e.g. 0.0002"), ("d_noise", 0, "must be an integer >= 1"),
+    ("beta1", 1.0, "must be in [0, 1), e.g. 0.5 or 0.9"),
+    ("ema", 0.4, "must be 0 (off) or in [0.5, 1), e.g. 0.999"), ("width", 0, "must be an integer >= 1"),
+    ("dropout", 1.0, "must be in [0, 1)"), ("loss", "hinge", "must be one of paper, bce"),
+    ("device", "tpu", "must be one of auto, cpu, cuda"), ("precision", "fp16", "must be one of fp32, bf16"),
+    ("sample_every", 0, "must be an integer >= 1"), ("checkpoint_every", -1, "must be >= 0 (0: none)"),
+    ("data.source", "", "must be 'auto' or a folder/archive path"),
+    ("eval.n_samples", 1, "must be an integer >= 2"), ("classifier.epochs", 0, "must be an integer >= 1"),
+    ("classifier.batch_size", 0, "must be >= 1"), ("classifier.lr", 1.0, "must be in (0, 1)"),
+    ("ci.metric", "", "must name a metric, e.g. fid"),
+    ("ci.max_regression", -0.1, "must be >= 0 (a fraction: 0.10 allows 10 % worse)"),
+]
+
+
+@pytest.mark.parametrize("key, value, allowed", MESSAGES, ids=[m[0] for m in MESSAGES])
+def test_each_check_says_what_is_allowed(key, value, allowed):
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw_params(**{key: value}))
+    assert str(error.value) == f"'{key}' = {value!r} is invalid: {allowed}"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("epochs", 2.5, "int"), ("epochs", True, "int"), ("lr", True, "float"), ("lr", "fast", "float"),
+    ("loss", 5, "str"), ("data.verify", "yes", "bool"), ("ci.lower_is_better", 1, "bool"),
+])
+def test_a_wrongly_typed_value_is_named_with_the_type_expected(key, value, expected):
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw_params(**{key: value}))
+    assert str(error.value) == f"'{key}' must be {expected}, got {value!r}"
+
+
+def test_a_group_that_is_not_a_mapping_and_a_key_with_no_close_match():
+    with pytest.raises(ParamsError, match=r"^'eval' must be a mapping of keys, got 5$"):
+        parse_params(raw_params() | {"eval": 5})
+    known = ", ".join(f.name for f in dataclasses.fields(Params))
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw_params() | {"zzz": 1})
+    assert str(error.value) == f"unknown key 'zzz'; known keys: {known}"
+
+
+def test_the_missing_keys_message_in_full():
+    raw = {key: value for key, value in raw_params().items() if key not in ("lr", "beta1")}
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    assert str(error.value) == ("missing keys lr, beta1; params.yaml is composed from conf/: run "
+                                "`make repro` (or `dvc exp run`) to write it again")
+
+
+def test_every_group_is_built_with_its_values():
+    params = parse_params(raw_params(**{"data.verify": False, "eval.seed": 7, "classifier.seed": 3,
+                                        "ci.metric": "precision"}))
+    assert (params.data.verify, params.eval.seed, params.classifier.seed, params.ci.metric) == (
+        False, 7, 3, "precision")

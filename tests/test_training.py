@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mnist_gan import checkpoint
-from mnist_gan.training import N_FIXED_NOISE, TrainingDiverged, d_scores, train
+from mnist_gan.models import ConvGenerator
+from mnist_gan.training import N_FIXED_NOISE, TrainingDiverged, d_scores, latents, train
 
 CPU = torch.device("cpu")
 
@@ -109,3 +110,13 @@ def test_d_scores_are_reproducible_with_a_seeded_rng_and_restore_train_mode(para
                        rng=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert scores[0] == scores[1]
     assert result.generator.training
+
+
+def test_latents_for_a_digit_accept_0_to_9_only():
+    generator = ConvGenerator(d_noise=4, width=8, n_classes=10)
+    for digit in (0, 9):
+        z, labels = latents(generator, 3, CPU, digit=digit)
+        assert z.shape == (3, 4) and labels.tolist() == [digit] * 3
+    for digit in (-1, 10):
+        with pytest.raises(ValueError, match=rf"^digit {digit} is out of range: 0 to 9$"):
+            latents(generator, 3, CPU, digit=digit)
