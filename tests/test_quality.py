@@ -106,8 +106,13 @@ def test_precision_recall_density_coverage_do_not_depend_on_the_chunk_size():
 
 
 def test_precision_recall_density_coverage_need_enough_samples():
-    with pytest.raises(ValueError, match="need more than 5 real"):
-        precision_recall_density_coverage(torch.randn(5, 2), torch.randn(10, 2))
+    """k-th neighbours other than the point itself: more than k = 5 real and k = 3 fake points."""
+    g = torch.Generator().manual_seed(0)
+    precision_recall_density_coverage(torch.randn(6, 2, generator=g), torch.randn(4, 2, generator=g))
+    for n_real, n_fake in ((5, 10), (10, 3)):
+        with pytest.raises(ValueError) as error:
+            precision_recall_density_coverage(torch.randn(n_real, 2), torch.randn(n_fake, 2))
+        assert str(error.value) == f"need more than 5 real and 3 fake samples, got {n_real} and {n_fake}"
 
 
 def test_class_metrics_known_answers():
@@ -124,6 +129,10 @@ def test_class_metrics_known_answers():
     assert one_digit["class_kl"] == pytest.approx(math.log(10))
     assert one_digit["inception_score"] == pytest.approx(1.0)
     assert one_digit["class_7"] == 1.0
+
+    # p(y|x) exactly 0 for the other classes (exp(-1000) underflows): still IS 10, not 0 * log 0 = nan
+    certain = class_metrics(1000.0 * torch.eye(10))
+    assert certain["inception_score"] == pytest.approx(10.0) and certain["class_kl"] == 0.0
 
     unsure = class_metrics(torch.zeros(50, 10))  # uniform p(y|x): nothing confident, IS 1
     assert unsure["confident"] == 0.0
