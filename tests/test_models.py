@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from mnist_gan import cpu_dropout
-from mnist_gan.models import MLP, Discriminator, Generator, load_model, save_model
+from mnist_gan.models import (
+    MLP,
+    ConvDiscriminator,
+    ConvGenerator,
+    Discriminator,
+    Generator,
+    load_model,
+    save_model,
+)
 
 
 def test_shapes_and_output_range():
@@ -155,3 +163,63 @@ def test_load_model_refuses_a_file_that_would_run_code(tmp_path):
     torch.save(state | {"payload": os.system}, path)  # a reference to a function, called by a crafted file
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_model(path, torch.device("cpu"))
+
+
+BN_DEFAULTS = "eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)"
+
+
+def _layers(module: nn.Module) -> list[str]:
+    """Each leaf module as torch prints it, with its place: the architecture, exactly."""
+    return [f"{name}: {leaf!r}" for name, leaf in module.named_modules() if not list(leaf.children())]
+
+
+def test_conv_nets_are_their_docstrings():
+    """dcgan/cgan as documented in models.py: z -> 2w x 7 x 7 -> w x 14 x 14 -> 1 x 28 x 28, and back."""
+    assert _layers(ConvGenerator()) == [
+        "project.0: Linear(in_features=100, out_features=3136, bias=False)",
+        "project.1: BatchNorm1d(3136, " + BN_DEFAULTS,
+        "project.2: ReLU()",
+        "project.3: Unflatten(dim=1, unflattened_size=(64, 7, 7))",
+        "upsample.0: ConvTranspose2d(64, 32, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1), bias=False)",
+        "upsample.1: BatchNorm2d(32, " + BN_DEFAULTS,
+        "upsample.2: ReLU()",
+        "upsample.3: ConvTranspose2d(32, 1, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1))",
+        "upsample.4: Tanh()",
+        "upsample.5: Flatten(start_dim=1, end_dim=-1)",
+    ]
+    conditional = ConvGenerator(d_noise=20, width=8, n_classes=10)
+    assert _layers(conditional)[:2] == ["embed: Embedding(10, 10)",
+                                        "project.0: Linear(in_features=30, out_features=784, bias=False)"]
+    assert conditional.label_prior.tolist() == pytest.approx([0.1] * 10)  # uniform until training sets it
+    assert _layers(ConvDiscriminator(dropout=0.3)) == [
+        "features.0: Unflatten(dim=1, unflattened_size=(1, 28, 28))",
+        "features.1: Conv2d(1, 32, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1))",
+        "features.2: LeakyReLU(negative_slope=0.2)",
+        "features.3: Dropout(p=0.3, inplace=False)",
+        "features.4: Conv2d(32, 64, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1))",
+        "features.5: LeakyReLU(negative_slope=0.2)",
+        "features.6: Dropout(p=0.3, inplace=False)",
+        "features.7: Flatten(start_dim=1, end_dim=-1)",
+        "logit: Linear(in_features=3136, out_features=1, bias=True)",
+    ]
+    assert _layers(ConvDiscriminator(width=8, n_classes=10))[-1] == "embed: Embedding(10, 784)"
+
+
+def test_projection_discriminator_adds_the_labels_embedding_times_the_features():
+    torch.manual_seed(0)
+    discriminator = ConvDiscriminator(width=4, n_classes=10).eval()
+    x, labels = torch.rand(3, 784) * 2 - 1, torch.tensor([3, 3, 7])
+    torch.testing.assert_close(discriminator(x, labels), discriminator.logit(discriminator.features(x))[:, 0])
+    with torch.no_grad():
+        discriminator.embed.weight[3] = 1.0  # class 3's logit gains the sum of the features
+    h = discriminator.features(x)
+    expected = discriminator.logit(h)[:, 0] + torch.tensor([1.0, 1.0, 0.0]) * h.sum(1)
+    torch.testing.assert_close(discriminator(x, labels), expected)
+    assert discriminator(x, labels).shape == (3,)
+
+
+def test_conditional_nets_need_labels():
+    for net, inputs in ((ConvGenerator(d_noise=4, width=4, n_classes=10), torch.zeros(2, 4)),
+                        (ConvDiscriminator(width=4, n_classes=10), torch.zeros(2, 784))):
+        with pytest.raises(ValueError, match=r"^this model is conditional: pass the digits' labels$"):
+            net.eval()(inputs)
