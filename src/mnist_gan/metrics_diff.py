@@ -72,7 +72,7 @@ def report(rev: str, new: str | None, ci: CiParams) -> tuple[str, Verdict]:
     """Markdown of the metric and param diffs from `rev` to `new` (None: the workspace); the verdict."""
     revs = [rev] if new is None else [rev, new]
     new_label = "workspace" if new is None else f"`{new}`"
-    diff = json.loads(dvc("metrics", "diff", *revs, "--all", "--json") or "{}")
+    diff = json.loads(dvc("metrics", "diff", *revs, "--all", "--json"))  # "{}" when there are none
     verdict = judge(find_metric(diff, ci.metric), ci, f"`{rev}`", new_label)
     markdown = "\n".join([
         f"## Metrics: `{rev}` -> {new_label}", "",
