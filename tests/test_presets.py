@@ -87,6 +87,9 @@ def test_ema_is_the_average_of_the_trained_weights(data, tiny_params):
     result = train(params, device=CPU, **data)
     averaged, trained = result.ema.state_dict(), result.generator.state_dict()
     assert set(averaged) == set(trained)  # batch-norm statistics are averaged too
+    for name in ("project.1.running_mean", "upsample.1.running_var"):
+        untrained = ConvGenerator(params.d_noise, params.width).state_dict()[name]
+        assert not torch.equal(averaged[name], untrained) and not torch.equal(averaged[name], trained[name])
     assert not torch.equal(averaged["project.0.weight"], trained["project.0.weight"])
     off = train(dataclasses.replace(params, ema=0.0), device=CPU, **data)
     assert off.ema is None and off.sampler is off.generator

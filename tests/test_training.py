@@ -1,4 +1,5 @@
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -42,8 +43,19 @@ def test_same_seed_same_weights(params, images):
 
 
 def test_batch_size_larger_than_the_dataset_is_an_error(params, images):
-    with pytest.raises(ValueError, match="'batch_size' = 1000 is larger than the training set"):
-        train(dataclasses.replace(params, batch_size=1000), *images, CPU)
+    with pytest.raises(ValueError) as error:
+        train(dataclasses.replace(params, batch_size=601), *images, CPU)
+    assert str(error.value) == ("'batch_size' = 601 is larger than the training set (600 images); "
+                                "lower batch_size")
+    one_batch = train(dataclasses.replace(params, batch_size=600, epochs=1), *images, CPU)  # the whole set
+    assert [r["epoch"] for r in one_batch.history] == [1]
+
+
+def test_epoch_seconds_are_measured_inside_the_call(params, images):
+    started = time.perf_counter()
+    result = train(params, *images, CPU)
+    elapsed = time.perf_counter() - started
+    assert 0 < result.train_seconds == sum(r["seconds"] for r in result.history) <= elapsed
 
 
 class Interrupt(Exception):
@@ -83,7 +95,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(params, images,
 def test_checkpoint_of_other_params_is_ignored(params, images, tmp_path):
     path = tmp_path / "ckpt.pt"
     train(dataclasses.replace(params, epochs=2, checkpoint_every=1), *images, CPU, checkpoint_path=path)
-    assert checkpoint.load(path, dataclasses.replace(params, epochs=2)) is not None
+    # every epoch but the last: a finished run needs no checkpoint
+    assert checkpoint.load(path, dataclasses.replace(params, epochs=2))["epoch"] == 1
     assert checkpoint.load(path, dataclasses.replace(params, epochs=2, lr=1e-3)) is None
 
 

@@ -186,3 +186,15 @@ def test_sample_grids_are_drawn_from_the_same_fixed_noise(recorded):
     assert calls[-1][1] is not recorded["result"].generator  # the EMA's generator draws the grids
     assert all(not torch.equal(fixed, call[1][:training.N_FIXED_NOISE])
                for call in training_calls(recorded["events"], "g"))
+
+
+def test_the_epochs_losses_are_the_means_of_their_steps(recorded):
+    """history's loss_d and loss_g: the tutorial's formulas on each step's logits, averaged per epoch."""
+    d_losses = [(-(torch.log(torch.sigmoid(real)) + torch.log(1 - torch.sigmoid(fake)))).mean().item()
+                for _, real, fake, *_ in (e for e in recorded["events"] if e[0] == "loss_d")]
+    g_losses = [-torch.log(torch.sigmoid(fake)).mean().item()
+                for _, fake, *_ in (e for e in recorded["events"] if e[0] == "loss_g")]
+    for epoch, record in enumerate(recorded["result"].history):
+        steps = slice(epoch * STEPS, (epoch + 1) * STEPS)
+        assert record["loss_d"] == pytest.approx(sum(d_losses[steps]) / STEPS, rel=1e-5)
+        assert record["loss_g"] == pytest.approx(sum(g_losses[steps]) / STEPS, rel=1e-5)
