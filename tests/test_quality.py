@@ -90,6 +90,20 @@ def test_precision_recall_density_coverage_known_answer():
     })
 
 
+@pytest.mark.parametrize("real, fake, expected", [
+    # -3 lies exactly on the 3-NN sphere of real 0 (radius 3), and inside its 5-NN ball (radius 5)
+    (list(range(10)), [-3, 30, 31, 32, 33], {"precision": 0.0, "density": 1 / 25, "coverage": 1 / 10}),
+    # -5 lies exactly on the 5-NN sphere of real 0
+    (list(range(10)), [-5, 30, 31, 32, 33], {"precision": 0.0, "density": 0.0, "coverage": 0.0}),
+    # real 97 lies exactly on the 3-NN sphere of fake 100 (radius 3), and in no other fake ball
+    ([*range(9), 97], [100, 101, 102, 103], {"recall": 0.0}),
+], ids=["precision", "density-coverage", "recall"])
+def test_a_point_on_a_balls_sphere_is_outside(real, fake, expected):
+    """Strictly inside, as in the reference code of Naeem et al.: distance < radius."""
+    metrics = precision_recall_density_coverage(_on_a_line(real), _on_a_line(fake))
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected)
+
+
 def test_precision_recall_density_coverage_of_identical_and_disjoint_sets():
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
     same = precision_recall_density_coverage(x, x)
