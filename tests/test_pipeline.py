@@ -101,7 +101,8 @@ def test_outputs_and_metrics(repo):
     # the summary is the last epoch's record (history.csv keeps 6 significant digits)
     last = history.iloc[-1]
     assert (train["p_real"], train["p_fake"]) == pytest.approx((last["p_real"], last["p_fake"]), rel=1e-5)
-    assert train["seconds_per_epoch"] == pytest.approx(train["train_seconds"] / 2, abs=1e-3)
+    # both rounded (to 0.01 s and 0.001 s): they agree to within those roundings
+    assert train["seconds_per_epoch"] == pytest.approx(train["train_seconds"] / 2, abs=0.004)
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     # the values themselves are checked by hand on a known case in test_evaluate; here, that the
     # stage gave every metric, the histogram is one, and classes_covered counts its >= 2 % bins
