@@ -40,7 +40,7 @@ mutation: venv  ## mutation testing of the core with the fast tests (mutmut): sc
 bench: venv  ## compare the training loop's speed with the tutorial's loop
 	python benchmarks/bench.py
 
-# --- Experiments at team scale (README) ---
+# --- Experiments at team scale (docs/team.md) ---
 SWEEP ?= lr=0.0001,0.0002,0.0004
 JOBS ?= 2
 REV ?= main

@@ -2,7 +2,7 @@
 
 import torch
 
-from mnist_gan import paths, tracking
+from mnist_gan import paths, store, tracking
 from mnist_gan.classifier import load_classifier, predict
 from mnist_gan.data import load_images, load_labelled
 from mnist_gan.errors import run_stage
@@ -10,6 +10,7 @@ from mnist_gan.files import read_json, write_json
 from mnist_gan.models import load_model
 from mnist_gan.params import load_params, resolve_device
 from mnist_gan.quality import frechet_distances, quality_metrics
+from mnist_gan.signals import exit_on_stop_signals
 from mnist_gan.training import d_scores, latents, sample
 
 N_FLOOR = 10_000  # real training images scored against the test set: the FID of perfect samples
@@ -19,7 +20,7 @@ def main() -> None:
     params = load_params()
     device = resolve_device(params.device)
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
-    tracking.check_reachable(tracking.tracking_uri())  # fail before the work, not when logging it
+    store.check_reachable(store.tracking_uri())  # fail before the work, not when logging it
     generator = load_model(paths.GENERATOR, device)
     discriminator = load_model(paths.DISCRIMINATOR, device)
     classifier = load_classifier(paths.CLASSIFIER, device)
@@ -52,4 +53,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    with exit_on_stop_signals():  # SIGTERM ends the MLflow run FAILED, not RUNNING
+        run_stage(main)

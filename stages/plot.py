@@ -3,12 +3,13 @@
 import pandas as pd
 import torch
 
-from mnist_gan import paths, plotting, tracking
+from mnist_gan import paths, plotting, store, tracking
 from mnist_gan.data import load_images
 from mnist_gan.errors import run_stage
 from mnist_gan.files import read_json
 from mnist_gan.models import load_model
 from mnist_gan.params import load_params
+from mnist_gan.signals import exit_on_stop_signals
 from mnist_gan.training import N_FIXED_NOISE, latents, sample
 
 
@@ -16,7 +17,7 @@ def main() -> None:
     params = load_params()
     device = torch.device("cpu")  # 16 images: not worth a GPU
     run_id = read_json(paths.TRAIN_METRICS)["mlflow_run_id"]
-    tracking.check_reachable(tracking.tracking_uri())  # fail before the work, not when logging it
+    store.check_reachable(store.tracking_uri())  # fail before the work, not when logging it
     history = pd.read_csv(paths.HISTORY)
     evaluation = read_json(paths.EVAL_METRICS)
     classes = [evaluation[f"class_{digit}"] for digit in range(10)]
@@ -41,4 +42,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    with exit_on_stop_signals():  # SIGTERM ends the MLflow run FAILED, not RUNNING
+        run_stage(main)

@@ -8,19 +8,20 @@ interrupted; the checkpoint is removed once the outputs are written.
 import pandas as pd
 import torch
 
-from mnist_gan import checkpoint, paths, tracking
+from mnist_gan import checkpoint, mlflow_model, paths, store, tracking
 from mnist_gan.data import load_labelled
 from mnist_gan.errors import run_stage
 from mnist_gan.files import atomic_path, write_json
 from mnist_gan.models import save_model
 from mnist_gan.params import load_params, resolve_device
+from mnist_gan.signals import exit_on_stop_signals
 from mnist_gan.training import train
 
 
 def main() -> None:
     params = load_params()
     device = resolve_device(params.device)
-    tracking.check_reachable(tracking.tracking_uri())  # fail before loading data or training
+    store.check_reachable(store.tracking_uri())  # fail before loading data or training
     resume = checkpoint.load(paths.CHECKPOINT, params)
     train_images, train_labels = load_labelled(paths.RAW_DIR, train=True, device=device)
     test_images, test_labels = load_labelled(paths.RAW_DIR, train=False, device=device)
@@ -47,9 +48,10 @@ def main() -> None:
             "mlflow_run_id": tracker.run_id,
         })
         tracker.log_artifact(paths.HISTORY)
-        tracker.log_generator(result.sampler, paths.GENERATOR)
+        mlflow_model.log_generator(result.sampler, paths.GENERATOR)
     paths.CHECKPOINT.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    with exit_on_stop_signals():  # SIGTERM ends the MLflow run FAILED, not RUNNING
+        run_stage(main)

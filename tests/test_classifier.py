@@ -1,7 +1,8 @@
 """The frozen judge: shapes, a lossless save/load, seeded training that learns.
 
 Real MNIST is not available in tests: the classifier learns the synthetic digits
-of conftest.py (10 classes of bars) in about a second; test_quality.py uses it too.
+of tests/helpers.py (10 classes of bars) in about a second; conftest's trained_judge is
+trained so once, for test_quality.py too.
 """
 
 from __future__ import annotations
@@ -12,20 +13,9 @@ import torch
 import yaml
 
 from mnist_gan.classifier import N_FEATURES, Classifier, load_classifier, save_classifier, train_classifier
-from mnist_gan.data import to_model_input
 from mnist_gan.files import read_json
 from mnist_gan.params import ClassifierParams
-from tests.conftest import REPO, synthetic_digits, write_synthetic_mnist
-
-CPU = torch.device("cpu")
-# one short epoch; a higher lr than the default so the judge is also confident
-SYNTHETIC_PARAMS = ClassifierParams(seed=0, epochs=1, batch_size=32, lr=3e-3)
-
-
-def synthetic_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n synthetic digits as the classifier takes them: images [n, 784] in [-1, 1], int64 labels [n]."""
-    images, labels = synthetic_digits(n, seed)
-    return to_model_input(torch.from_numpy(images)), torch.from_numpy(labels).long()
+from tests.helpers import CPU, REPO, synthetic_inputs, write_synthetic_mnist
 
 
 def test_shapes():
@@ -48,10 +38,9 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["classifier.pt"]  # no temporary file left
 
 
-def test_training_reaches_high_accuracy():
-    train_x, train_y = synthetic_inputs(1000, seed=1)
-    test_x, test_y = synthetic_inputs(500, seed=2)
-    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, SYNTHETIC_PARAMS, CPU)
+def test_training_reaches_high_accuracy(trained_judge):
+    model, accuracy = trained_judge
+    test_x, test_y = synthetic_inputs(500, seed=2)  # its test set
     assert not model.training
     assert accuracy >= 0.98
     # the reported number is the model's accuracy on the test set

@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_gan.__main__ import main
-from mnist_gan.compare import CompareError, compare, load_runs, plot_runs
-from mnist_gan.tracking import EXPERIMENT
+from mnist_gan.compare import CompareError, compare, load_runs, plot_runs, runs_figure
+from mnist_gan.store import EXPERIMENT
 
 # name: (lr, final eval/fid or None, status); per-epoch p_real/p_fake for 3 epochs
 RUNS = {"slow-lr": (0.0001, 30.0, "FINISHED"), "paper-lr": (0.0002, 10.0, "FINISHED"),
@@ -88,3 +88,40 @@ def test_plot_has_a_fid_panel_only_where_fid_was_logged(store, tmp_path):
         plot_runs(MlflowClient(store), selected, tmp_path / f"{name}.png")
     width = {name: plt.imread(tmp_path / f"{name}.png").shape[1] for name in by_name}
     assert width["paper-lr"] > 1.4 * width["no-fid"]  # D scores beside FID vs D scores alone
+
+
+def _figure_of(store: str, names: list[str]) -> plt.Figure:
+    runs = load_runs(store)
+    selected = runs.set_index("tags.mlflow.runName", drop=False).loc[names].reset_index(drop=True)
+    return runs_figure(MlflowClient(store), selected)
+
+
+def test_legend_names_each_run_by_the_params_that_differ_between_the_runs_shown(store):
+    fig = _figure_of(store, ["paper-lr", "fast-lr", "no-fid"])
+    (legend,) = fig.legends  # one legend for both panels
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "paper-lr lr=0.0002", "fast-lr lr=0.0004", "no-fid lr=0.0008"]  # seed is 0 in all: not named
+    plt.close(fig)
+    fig = _figure_of(store, ["paper-lr"])  # one run: nothing differs
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["paper-lr"]
+    plt.close(fig)
+
+
+def test_fid_panel_is_on_a_log_axis(store):
+    fig = _figure_of(store, ["paper-lr", "slow-lr"])
+    (fid_ax,) = [ax for ax in fig.axes if ax.get_ylabel() == "FID (lower is better)"]
+    assert fid_ax.get_yscale() == "log"
+    plt.close(fig)
+
+
+def test_legend_is_outside_both_panels_and_their_titles(store):
+    fig = _figure_of(store, ["paper-lr", "fast-lr", "slow-lr", "no-fid"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert [ax.get_legend() for ax in fig.axes] == [None, None]  # no legend inside a panel
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:  # the panel with its title, axis labels and ticks
+        assert not legend.overlaps(ax.get_tightbbox(renderer)), ax.get_title()
+    assert legend.y1 < min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)  # below them
+    assert legend.x0 >= 0 and legend.y0 >= 0 and legend.x1 <= fig.bbox.x1  # and inside the figure
+    plt.close(fig)

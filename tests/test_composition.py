@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mnist_gan.composition import CompositionError, compose, differences, sync
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 GIT_USER = ["-c", "user.name=t", "-c", "user.email=t@t"]
 

@@ -1,19 +1,28 @@
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from mnist_gan import cpu_dropout
+from mnist_gan.cpu_dropout import Activation
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _keep(shape, p, seed, dtype=torch.float32):
+def _keep(kernels, shape, p, seed, dtype=torch.float32):
     """The kernel's mask times 1 / (1 - p): dropout of ones."""
     keep = torch.ones(shape, dtype=dtype)
-    cpu_dropout.kernels().dropout_(keep, seed, p)
+    kernels.dropout_(keep, seed, p)
     return keep
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_mask_keeps_one_minus_p_and_scales_like_nn_dropout(p):
-    keep = _keep((1000, 1000), p, seed=12345)
+def test_mask_keeps_one_minus_p_and_scales_like_nn_dropout(dropout_kernels, p):
+    keep = _keep(dropout_kernels, (1000, 1000), p, seed=12345)
     assert sorted(keep.unique().tolist()) == [0.0, pytest.approx(1 / (1 - p))]
     dropped = (keep == 0).flatten().float()
     assert dropped.mean().item() == pytest.approx(p, abs=0.002)
@@ -24,20 +33,20 @@ def test_mask_keeps_one_minus_p_and_scales_like_nn_dropout(p):
         assert both == pytest.approx(p * p, abs=0.003), lag
 
 
-def test_masks_differ_by_seed_and_repeat_for_the_same_seed():
-    a, b = _keep((300, 300), 0.5, seed=1), _keep((300, 300), 0.5, seed=2)
-    assert torch.equal(a, _keep((300, 300), 0.5, seed=1))
+def test_masks_differ_by_seed_and_repeat_for_the_same_seed(dropout_kernels):
+    a, b = _keep(dropout_kernels, (300, 300), 0.5, seed=1), _keep(dropout_kernels, (300, 300), 0.5, seed=2)
+    assert torch.equal(a, _keep(dropout_kernels, (300, 300), 0.5, seed=1))
     assert ((a == 0) == (b == 0)).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
-def test_the_mask_does_not_depend_on_the_number_of_threads():
+def test_the_mask_does_not_depend_on_the_number_of_threads(dropout_kernels):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _keep((513, 301), 0.1, seed=7)  # odd sizes: a partial block at the end
+        one = _keep(dropout_kernels, (513, 301), 0.1, seed=7)  # odd sizes: a partial block at the end
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, _keep((513, 301), 0.1, seed=7))
+    assert torch.equal(one, _keep(dropout_kernels, (513, 301), 0.1, seed=7))
 
 
 def test_seeds_come_from_torchs_global_rng():
@@ -48,13 +57,14 @@ def test_seeds_come_from_torchs_global_rng():
     assert first[0] != first[1]
 
 
-def test_bf16_output_is_rounded_to_nearest_even_and_keeps_nan_and_inf():
-    keep = _keep((64, 64), 0.25, seed=5)  # float32: 0 or 4/3, which bf16 values times it must round
+def test_bf16_output_is_rounded_to_nearest_even_and_keeps_nan_and_inf(dropout_kernels):
+    # float32: 0 or 4/3, which bf16 values times it must round
+    keep = _keep(dropout_kernels, (64, 64), 0.25, seed=5)
     y = (torch.randn(64, 64) * 100).bfloat16()
     kept = keep.flatten().nonzero().flatten()[:3]
     y.view(-1)[kept] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.bfloat16)
     out = y.clone()
-    cpu_dropout.kernels().dropout_(out, 5, 0.25)
+    dropout_kernels.dropout_(out, 5, 0.25)
     expected = (y.float() * keep).bfloat16()  # torch's rounding: to nearest, ties to even
     on = keep > 0
     torch.testing.assert_close(out.float()[on], expected.float()[on], rtol=0, atol=0, equal_nan=True)
@@ -62,20 +72,31 @@ def test_bf16_output_is_rounded_to_nearest_even_and_keeps_nan_and_inf():
     assert out.view(-1)[kept[0]].isnan() and out.view(-1)[kept[1:]].isinf().all()
 
 
-def test_backward_is_the_gradient_of_dropout_of_the_activation():
-    # out = act(h) * keep; d out / d h from out alone, for every activation
+def test_backward_is_the_gradient_of_dropout_of_the_activation(dropout_kernels):
+    # out = act(h) * keep; d out / d h from out alone, for every activation of the table
     torch.manual_seed(0)
     h = torch.randn(40, 30, requires_grad=True)
     grad = torch.randn(40, 30)
-    keep = _keep((40, 30), 0.3, seed=9)
-    activations = {"none": lambda v: v, "relu": torch.relu, "tanh": torch.tanh,
-                   "leaky_relu": lambda v: torch.nn.functional.leaky_relu(v, 0.2)}
-    for name, act in activations.items():
+    keep = _keep(dropout_kernels, (40, 30), 0.3, seed=9)
+    activations = {Activation.none: lambda v: v, Activation.relu: torch.relu, Activation.tanh: torch.tanh,
+                   Activation.leaky_relu: lambda v: torch.nn.functional.leaky_relu(v, 0.2)}
+    assert set(activations) == set(Activation)
+    for activation, act in activations.items():
         expected, = torch.autograd.grad(act(h) * keep, h, grad)
         out = act(h.detach()).contiguous()
-        cpu_dropout.kernels().dropout_(out, 9, 0.3)
-        got = cpu_dropout.kernels().dropout_backward(grad, out, 9, 0.3, name, 0.2)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+        dropout_kernels.dropout_(out, 9, 0.3)
+        got = dropout_kernels.dropout_backward(grad, out, 9, 0.3, activation, 0.2)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=activation.name)
+
+
+def test_the_kernels_activations_are_the_python_tables():
+    assert cpu_dropout._cflags()[-1] == "-DMNIST_GAN_ACTIVATIONS=none=0,relu=1,leaky_relu=2,tanh=3"
+
+
+def test_an_activation_not_in_the_table_is_an_error(dropout_kernels):
+    out = torch.ones(4, 6)
+    with pytest.raises(RuntimeError, match=r"no activation numbered 4 \(mnist_gan.cpu_dropout.Activation"):
+        dropout_kernels.dropout_backward(torch.ones(4, 6), out, 1, 0.1, len(Activation), 0.0)
 
 
 def test_a_failed_build_means_no_kernel_and_a_warning(monkeypatch, caplog):
@@ -90,11 +111,35 @@ def test_a_failed_build_means_no_kernel_and_a_warning(monkeypatch, caplog):
         assert cpu_dropout.kernels() is None
     finally:
         cpu_dropout.kernels.cache_clear()
-    assert "no C++ compiler" in caplog.text and "plain nn.Sequential" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "could not build the fused CPU dropout kernel, so on CPU the MLPs train as a plain nn.Sequential: "
+        "the same model and weights, but with nn.Dropout's masks instead of the kernel's, so results "
+        "are not bit-identical to the fused path's, and slower: no C++ compiler"]
 
 
-def test_bad_tensors_get_a_clear_error():
+def test_building_leaves_path_and_logging_as_they_were():
+    """A fresh process, as a user's, with no ninja on PATH (a virtual environment not activated):
+    importing changes nothing, and the build finds the pip package's ninja and then restores PATH
+    and torch's cpp_extension logger, whose import-time CUDA warning it mutes."""
+    script = (
+        "import logging, os\n"
+        "path = os.environ['PATH']\n"
+        "from mnist_gan import cpu_dropout, models\n"
+        "imported = os.environ['PATH'] == path\n"
+        "built = cpu_dropout.kernels() is not None\n"
+        "level = logging.getLogger('torch.utils.cpp_extension').level\n"
+        "print(imported, built, os.environ['PATH'] == path, level)\n"
+    )
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not Path(d, "ninja").exists())
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PATH": path}, cwd=REPO,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", str(cpu_dropout.kernels() is not None), "True", "0"]
+    assert "No CUDA runtime" not in result.stderr
+
+
+def test_bad_tensors_get_a_clear_error(dropout_kernels):
     with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
-        cpu_dropout.kernels().dropout_(torch.ones(4, 6).t(), 1, 0.1)
+        dropout_kernels.dropout_(torch.ones(4, 6).t(), 1, 0.1)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        cpu_dropout.kernels().dropout_(torch.ones(4, 6, dtype=torch.float64), 1, 0.1)
+        dropout_kernels.dropout_(torch.ones(4, 6, dtype=torch.float64), 1, 0.1)

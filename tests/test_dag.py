@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGE = "mnist_gan"
 SOURCE = Path("src") / PACKAGE

@@ -28,7 +28,7 @@ from mnist_gan.data import (
     to_model_input,
     write_idx,
 )
-from tests.conftest import synthetic_digits, write_synthetic_mnist
+from tests.helpers import synthetic_digits, write_synthetic_mnist
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mnist_gan.errors import UserError, run_stage
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STAGES = sorted(path.name for path in (REPO / "stages").glob("*.py"))
 

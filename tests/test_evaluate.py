@@ -19,7 +19,7 @@ from mnist_gan.data import write_idx
 from mnist_gan.files import write_json
 from mnist_gan.models import Discriminator, Generator, save_model
 from mnist_gan.params import parse_params
-from tests.conftest import REPO, raw_params, use_mlflow_store
+from tests.helpers import REPO, raw_params, use_mlflow_store
 
 CPU = torch.device("cpu")
 N_SAMPLES = 50
@@ -176,8 +176,11 @@ def test_evaluate_writes_the_hand_computed_metrics(tmp_path, monkeypatch):
 
     written = json.loads((tmp_path / paths.EVAL_METRICS).read_text())
     assert written.keys() == expected.keys()
+    # D's logit is D_SCALE x an fp32 sum over 784 pixels, added in whatever order the CPU's oneDNN
+    # kernel takes (AVX2 and AVX-512 differ): worst case 784 x 2^-24 x D_SCALE x p(1 - p), 7e-5 here
+    tolerance = {"p_real": 1e-4, "p_fake": 1e-4}
     for key, value in expected.items():
-        assert written[key] == pytest.approx(value, rel=1e-5, abs=2e-6), key
+        assert written[key] == pytest.approx(value, rel=1e-5, abs=tolerance.get(key, 2e-6)), key
         assert written[key] == round(written[key], 6), key  # rounded, so diffs stay readable
     logged = client.get_run(run_id).data.metrics
     assert {key: logged[f"eval/{key}"] for key in written} == written

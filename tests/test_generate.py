@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_gan.__main__ import main
+from mnist_gan.mlflow_model import log_generator
 from mnist_gan.models import build_models, load_model, save_model
 from mnist_gan.registry import ALIAS, REGISTERED_MODEL, promote
-from mnist_gan.tracking import MlflowTracker
-from tests.conftest import use_mlflow_store
+from tests.helpers import use_mlflow_store
 
 CPU = torch.device("cpu")
 
@@ -78,7 +78,7 @@ def _logged_run(tmp_path: Path, seed: int, fid: float | None) -> tuple[str, Path
     """A run like the train + evaluate stages leave: the logged generator and eval/fid."""
     path = _generator_file(tmp_path / f"generator-{seed}" / "generator.pt", "cgan", seed)
     with mlflow.start_run() as run:
-        MlflowTracker(run.info.run_id).log_generator(load_model(path, CPU), path)
+        log_generator(load_model(path, CPU), path)
         if fid is not None:
             mlflow.log_metric("eval/fid", fid)
     return run.info.run_id, path

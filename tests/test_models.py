@@ -5,13 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from mnist_gan import cpu_dropout
+from mnist_gan import cpu_dropout, models
+from mnist_gan.cpu_dropout import Activation
 from mnist_gan.models import (
+    FUSED_DTYPES,
     MLP,
     ConvDiscriminator,
     ConvGenerator,
     Discriminator,
     Generator,
+    _post_op,
     load_model,
     save_model,
 )
@@ -78,9 +81,13 @@ def test_fused_path_equals_nn_sequential_in_value_and_gradients(net):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+NO_FUSED_BF16 = pytest.mark.skipif(torch.bfloat16 not in FUSED_DTYPES,
+                                   reason="no oneDNN bf16 inner product on this CPU (needs AVX-512 or AMX)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=NO_FUSED_BF16)])
 @pytest.mark.parametrize("activation", [nn.ReLU(), nn.LeakyReLU(0.01), nn.Tanh()])
-def test_fused_dropout_layer_applies_its_mask_forward_and_backward(activation, dtype):
+def test_fused_dropout_layer_applies_its_mask_forward_and_backward(dropout_kernels, activation, dtype):
     torch.manual_seed(0)
     linear = nn.Linear(20, 30)
     block = MLP(linear, activation, nn.Dropout(0.25)).train()
@@ -126,6 +133,21 @@ def test_mlp_rejects_what_it_cannot_fuse_and_runs_a_linear_without_bias():
         MLP(nn.Linear(4, 3), nn.Sigmoid())
     with pytest.raises(TypeError, match="module 0 is ReLU"):
         MLP(nn.ReLU(), nn.Linear(4, 3))
+
+    class Shifted(nn.ReLU):  # a subclass computes otherwise: not fused as its base class
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    with pytest.raises(TypeError, match=r"^MLP takes Linear \[ReLU\|LeakyReLU\|Tanh\] \[Dropout\] blocks; "
+                                        r"module 1 is Shifted\(\)$"):
+        MLP(nn.Linear(4, 3), Shifted())
+    with pytest.raises(TypeError, match=r"^a fused MLP block has no post-op for Sigmoid\(\); "
+                                        r"it takes ReLU, LeakyReLU or Tanh$"):
+        _post_op(nn.Sigmoid())
+    # every activation of the kernel's table, and only those, has a module
+    assert {_post_op(cls()).activation for cls in (nn.ReLU, nn.LeakyReLU, nn.Tanh)} == set(Activation) - {
+        Activation.none}
+    assert _post_op(None).activation == Activation.none
     torch.manual_seed(0)
     block = MLP(nn.Linear(4, 3, bias=False), nn.Tanh()).eval()
     x, grad = torch.randn(5, 4), torch.randn(5, 3)
@@ -135,15 +157,22 @@ def test_mlp_rejects_what_it_cannot_fuse_and_runs_a_linear_without_bias():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_autocast_runs_the_fused_layers_in_bf16():
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=NO_FUSED_BF16), False])
+def test_bf16_autocast_runs_in_bf16_fused_where_onednn_has_it_else_as_the_plain_modules(monkeypatch, fused):
+    if not fused:  # an AVX2-only CPU: any use of the fused layer would fail
+        monkeypatch.setattr(models, "FUSED_DTYPES", (torch.float32,))
+        monkeypatch.setattr(models, "_DenseFn", None)
     torch.manual_seed(0)
     model = Discriminator().net.eval()
     x = torch.randn(64, 784)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = model(x)
+        got = model(x)
         plain = nn.Sequential.forward(model, x)
-    assert fused.dtype == torch.bfloat16
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.05, atol=0.05)
+    assert got.dtype == torch.bfloat16
+    if fused:  # other kernels, other roundings
+        torch.testing.assert_close(got.float(), plain.float(), rtol=0.05, atol=0.05)
+    else:
+        assert torch.equal(got, plain)
 
 
 def test_generator_exports_for_mlflow_pt2_format(tmp_path):

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from mnist_gan.params import Params, ParamsError, load_params, parse_params, resolve_device
-from tests.conftest import REPO, raw_params
+from tests.helpers import REPO, raw_params
 
 
 def test_repo_params_match_the_tutorial():

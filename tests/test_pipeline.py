@@ -4,7 +4,6 @@ synthetic data and params, then what landed in metrics/, plots/ and MLflow."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,60 +19,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_gan.composition import compose
-from tests.conftest import REPO, TRAINED, write_synthetic_mnist
+from tests.helpers import TRAINED, make_repo, pipeline_env, run, set_conf
 
 pytestmark = pytest.mark.slow
-
-PACKAGE_GLOBAL = "# @package _global_\n"  # the model files' header: their keys are top-level params
-
-# tiny params: set in conf/ (the model files' keys in every model file), since `dvc exp run`
-# recomposes params.yaml from conf/ and would drop them from params.yaml
-TINY = {"epochs": 2, "sample_every": 1, "eval": {"n_samples": 200}, "classifier": {"epochs": 1}}
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def pipeline_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def make_repo(root: Path) -> Path:
-    """A fresh git + DVC repo holding this project's files, set to tiny params and synthetic data."""
-    repo = root / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo / name)
-    run(["git", "init", "-q", "-b", "main"], repo)
-    source = write_synthetic_mnist(root / "source")
-    set_conf(repo, **TINY, data={"source": str(source), "verify": False})
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
-    return repo
-
-
-def set_conf(repo: Path, **values: Any) -> None:
-    """Set keys in conf/ as a user edits it: a key of the model files in each of them, any other in
-    conf/config.yaml (groups merged); then params.yaml from conf/, as `make repro` writes it."""
-    config = yaml.safe_load((repo / "conf/config.yaml").read_text())
-    for model_file in sorted((repo / "conf/model").glob("*.yaml")):
-        preset = yaml.safe_load(model_file.read_text())
-        preset |= {key: value for key, value in values.items() if key in preset}
-        model_file.write_text(PACKAGE_GLOBAL + yaml.safe_dump(preset, sort_keys=False))
-    for key, value in values.items():
-        if key not in preset:
-            config[key] = config[key] | value if isinstance(value, dict) else value
-    (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (repo / "params.yaml").write_text(compose(repo))
 
 
 @pytest.fixture(scope="module")

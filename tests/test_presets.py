@@ -15,7 +15,7 @@ from mnist_gan.models import ConvGenerator, build_models, load_model, save_model
 from mnist_gan.params import MODELS, ParamsError, parse_params
 from mnist_gan.quality import quality_metrics
 from mnist_gan.training import latents, sample, train
-from tests.conftest import REPO, TRAINED, raw_params, synthetic_digits
+from tests.helpers import REPO, TRAINED, raw_params, synthetic_digits
 
 CPU = torch.device("cpu")
 

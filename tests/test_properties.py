@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mnist_gan.data import DataError, read_idx, write_idx
 from mnist_gan.params import ParamsError, parse_params
-from tests.conftest import raw_params
+from tests.helpers import raw_params
 
 
 def _read(content: bytes) -> np.ndarray:

@@ -12,7 +12,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from mnist_gan.classifier import train_classifier
 from mnist_gan.models import Generator
 from mnist_gan.quality import (
     class_metrics,
@@ -20,7 +19,7 @@ from mnist_gan.quality import (
     precision_recall_density_coverage,
     quality_metrics,
 )
-from tests.test_classifier import CPU, SYNTHETIC_PARAMS, synthetic_inputs
+from tests.helpers import synthetic_inputs
 
 N = 1_000  # samples per set in the property tests
 
@@ -159,12 +158,9 @@ def test_class_metrics_known_answers():
 # ---------------------------------------------------------------- properties, with a judge
 
 @pytest.fixture(scope="module")
-def judge():
-    train_x, train_y = synthetic_inputs(1000, seed=1)
-    test_x, test_y = synthetic_inputs(500, seed=2)
-    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, SYNTHETIC_PARAMS, CPU)
-    assert accuracy >= 0.98
-    return model
+def judge(trained_judge):
+    """conftest's classifier, trained on synthetic digits (test_classifier checks its accuracy, >= 0.98)."""
+    return trained_judge[0]
 
 
 @pytest.fixture(scope="module")

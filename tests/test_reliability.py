@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mnist_gan import paths, training
 from mnist_gan.data import RAW_FILES
 from mnist_gan.files import read_json
-from tests.test_pipeline import make_repo, pipeline_env, run
+from tests.helpers import make_repo, pipeline_env, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,8 @@ def train_repo(root: Path) -> Path:
 
 
 def edit_params(repo: Path, **values) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in values.items():
-        group, _, name = key.rpartition(".")
-        (params[group] if group else params)[name] = value
+    """Set `values` in the repo's params.yaml, as a user edits it (a dotted key: a group's key)."""
+    params = set_params(yaml.safe_load((repo / "params.yaml").read_text()), **values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

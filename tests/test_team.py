@@ -23,9 +23,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_gan.tracking import EXPERIMENT
-from tests.conftest import REPO
-from tests.test_pipeline import make_repo, pipeline_env, run
+from mnist_gan.store import EXPERIMENT
+from tests.helpers import REPO, make_repo, pipeline_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +64,7 @@ def repo(tmp_path_factory) -> Path:
 
 def test_concurrent_runs_on_a_fresh_store(tmp_path):
     """Three processes open their first runs on a new mlflow.db at once: none may fail or be lost
-    (MLflow creates the schema without a lock; tracking.prepare_store serialises it). They run
+    (MLflow creates the schema without a lock; store.prepare_store serialises it). They run
     as queued DVC experiments do: in a copy of the repo, with DVC_ROOT naming the repo."""
     script = ("from mnist_gan import tracking\n"
               "from mnist_gan.params import load_params\n"

@@ -5,13 +5,15 @@ import signal
 import socket
 import time
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_gan import tracking
-from mnist_gan.tracking import TrackingError, open_run, open_stage_run, open_training_run
-from tests.conftest import use_mlflow_store
+from mnist_gan.signals import exit_on_stop_signals
+from mnist_gan.store import TrackingError
+from mnist_gan.tracking import SAMPLES_TAG, open_run, open_stage_run, open_training_run
+from tests.helpers import use_mlflow_store
 
 METRICS = ("p_real", "p_fake", "loss_d", "loss_g", "seconds")
 
@@ -32,10 +34,23 @@ def record(epoch: int) -> dict[str, float]:
             "loss_d": 1.0, "loss_g": 2.0, "seconds": 0.1}
 
 
-def logged_steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+@pytest.fixture
+def grid_steps(monkeypatch) -> list[int]:
+    """The steps of the sample grids sent to MLflow, in order (MLflow lists them only as files)."""
+    steps, log_image = [], mlflow.log_image
+
+    def recording_log_image(image, *, key, step):
+        steps.append(step)
+        log_image(image, key=key, step=step)
+
+    monkeypatch.setattr(mlflow, "log_image", recording_log_image)
+    return steps
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> dict[str, list[int] | int]:
+    """Per metric, its steps; and how many grid images the run holds."""
     steps = {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in METRICS}
-    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
-    steps["samples"] = sorted(int(tracking._SAMPLES_STEP.match(p)[1]) for p in images)
+    steps["grid files"] = len([a for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")])
     return steps
 
 
@@ -62,18 +77,18 @@ def test_an_error_ends_the_run_failed_with_the_reason(client, tiny_params):
     assert run.data.tags["failure_reason"] == "ValueError: lr too high"
 
 
-def test_sigterm_ends_the_run_failed_and_restores_the_handler(client, tiny_params):
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit, match="terminated by SIGTERM"), open_run(params=tiny_params) as tracker:
+def test_sigterm_in_a_stage_ends_the_run_failed(client, tiny_params):
+    """As the train, evaluate and plot stages run: their run inside exit_on_stop_signals."""
+    with (pytest.raises(SystemExit, match="terminated by SIGTERM"), exit_on_stop_signals(),
+          open_run(params=tiny_params) as tracker):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"] == "SystemExit: terminated by SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_resumed_run_holds_each_epoch_once(client, tiny_params):
+def test_resumed_run_holds_each_epoch_once(client, tiny_params, grid_steps):
     """checkpoint_every=2: epoch 3 was logged after the last checkpoint (epoch 2), then the process
     died; the resumed run re-trains epoch 3, and MLflow must not show it twice."""
     images = torch.zeros(16, 784)
@@ -93,14 +108,16 @@ def test_resumed_run_holds_each_epoch_once(client, tiny_params):
             tracker.log_epoch(record(epoch))
             tracker.log_samples(epoch, images)
 
-    assert logged_steps(client, run_id) == {key: [1, 2, 3, 4] for key in (*METRICS, "samples")}
+    assert logged_steps(client, run_id) == {**{key: [1, 2, 3, 4] for key in METRICS}, "grid files": 4}
+    assert grid_steps == [1, 2, 3, 4]
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags[SAMPLES_TAG] == "4"
     assert "failure_reason" not in run.data.tags  # that attempt's failure is resolved
     assert run.data.tags["resumed_after_epoch"] == "2"
 
 
-def test_resume_whose_run_is_gone_starts_a_new_run_with_the_checkpoint_epochs(client, tiny_params):
+def test_resume_whose_run_is_gone_starts_a_new_run_with_the_checkpoint_epochs(client, tiny_params,
+                                                                              grid_steps):
     gone = "0" * 32
     checkpoint = {"run_id": gone, "epoch": 2, "history": [record(1), record(2)],
                   "samples": {2: torch.zeros(16, 784)}}
@@ -108,7 +125,7 @@ def test_resume_whose_run_is_gone_starts_a_new_run_with_the_checkpoint_epochs(cl
         tracker.log_epoch(record(3))
     assert tracker.run_id != gone
     steps = logged_steps(client, tracker.run_id)
-    assert steps["p_real"] == [1, 2, 3] and steps["samples"] == [2]
+    assert steps["p_real"] == [1, 2, 3] and steps["grid files"] == 1 and grid_steps == [2]
     run = client.get_run(tracker.run_id)
     assert run.data.tags["resumed_from_missing_run"] == gone and run.data.params["lr"] == "0.0002"
 

@@ -17,10 +17,10 @@ from mnist_gan.errors import UserError
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from mnist_gan import tracking
+    from mnist_gan import store
     from mnist_gan.compare import compare
 
-    print(compare(args.tracking_uri or tracking.tracking_uri(), args.metric, args.ascending, args.runs,
+    print(compare(args.tracking_uri or store.tracking_uri(), args.metric, args.ascending, args.runs,
                   None if args.plot == "" else args.plot))
     return 0
 

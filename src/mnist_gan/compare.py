@@ -2,7 +2,7 @@
 
 A pandas table of the params that differ between the selected runs and their final
 metrics, best first by one metric, and one PNG overlaying their per-epoch D-score
-traces and FID where logged. The Compare view of `mlflow ui` shows the same (README).
+traces and FID where logged. The Compare view of `mlflow ui` shows the same (docs/team.md).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ matplotlib.use("Agg")  # files only: no display on CI or servers
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from mnist_gan.errors import UserError  # noqa: E402
 from mnist_gan.files import atomic_path  # noqa: E402
-from mnist_gan.tracking import EXPERIMENT  # noqa: E402
+from mnist_gan.store import EXPERIMENT  # noqa: E402
 
 FID = "fid"
 D_SCORES = ("p_real", "p_fake")
@@ -75,51 +75,67 @@ def table(runs: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def _differing_params(runs: pd.DataFrame) -> list[str]:
-    return [c for c in runs if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
+    """The `params.*` columns whose values are not all the same, by name (MLflow's order varies)."""
+    return sorted(c for c in runs if c.startswith("params.") and runs[c].nunique(dropna=False) > 1)
 
 
-def plot_runs(client: MlflowClient, runs: pd.DataFrame, path: str | Path) -> None:
+def runs_figure(client: MlflowClient, runs: pd.DataFrame) -> plt.Figure:
     """Per-epoch p_real (solid) and p_fake (dashed) of each run; FID beside them where logged.
 
     FID per epoch is drawn as a line where training logged `fid`, the final evaluation
-    (`eval/fid`) as a star at the run's last epoch.
+    (`eval/fid`) as a star at the run's last epoch, on a log axis: good runs end near 2,
+    runs of a few epochs near 2000. One legend below both panels names each run's colour.
     """
     traces = {run_id: {key: client.get_metric_history(run_id, key) for key in (*D_SCORES, FID)}
               for run_id in runs["run_id"]}
     final_fid = runs.get(f"metrics.eval/{FID}", pd.Series(index=runs.index, dtype=float))
     has_fid = final_fid.notna().any() or any(trace[FID] for trace in traces.values())
-    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(13 if has_fid else 8, 4.5), squeeze=False)
-    scores, fid_ax = axes[0][0], axes[0][1] if has_fid else None
-    colours = plt.get_cmap("tab10")
     # each run's legend entry: its name and the params that set it apart, e.g. "mined-sign lr=0.0004"
     params = _differing_params(runs)
     names = [" ".join([str(row["tags.mlflow.runName"]),
                        *(f"{c.removeprefix('params.')}={row[c]}" for c in params)])
              for _, row in runs.iterrows()]
-    for i, (run_id, name, fid) in enumerate(zip(runs["run_id"], names, final_fid, strict=True)):
+    # as many legend columns as the longest name fits across the figure (~15 characters an inch)
+    width = 13 if has_fid else 8
+    columns = max(1, min(len(names), width * 15 // (max(map(len, names), default=0) + 8)))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(width, 4.5 + 0.25 * rows), squeeze=False,
+                             layout="constrained")  # makes room for the legend outside the panels
+    scores, fid_ax = axes[0][0], axes[0][1] if has_fid else None
+    colours = plt.get_cmap("tab10")
+    handles = []
+    for i, (run_id, fid) in enumerate(zip(runs["run_id"], final_fid, strict=True)):
         colour, trace = colours(i % 10), traces[run_id]
         for key, style in zip(D_SCORES, ("-", "--"), strict=True):
-            scores.plot(*_steps_values(trace[key]), style, color=colour,
-                        label=name if key == D_SCORES[0] else None)
+            line, = scores.plot(*_steps_values(trace[key]), style, color=colour)
+            if key == D_SCORES[0]:
+                handles.append(line)
         if fid_ax is not None:
             if trace[FID]:
-                fid_ax.plot(*_steps_values(trace[FID]), color=colour, label=name)
+                fid_ax.plot(*_steps_values(trace[FID]), color=colour)
             if pd.notna(fid):
                 last_epoch = max((m.step for m in trace[D_SCORES[0]]), default=0)
-                fid_ax.plot([last_epoch], [fid], "*", color=colour, markersize=12,
-                            label=None if trace[FID] else name)
+                fid_ax.plot([last_epoch], [fid], "*", color=colour, markersize=12)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+        ax.grid(alpha=0.3)
     scores.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     scores.set(xlabel="epoch", ylabel="mean discriminator score", ylim=(0, 1),
                title="p_real = D(x) (solid), p_fake = D(G(z)) (dashed)")
-    scores.legend(loc="best", fontsize="small")
-    scores.grid(alpha=0.3)
     if fid_ax is not None:
+        fid_ax.set_yscale("log")
+        # plain 10, 40, 100 rather than 10^1, 4x10^1, 10^2; in-between values labelled on short ranges
+        fid_ax.yaxis.set_major_formatter(LogFormatter())
+        fid_ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         fid_ax.set(xlabel="epoch", ylabel="FID (lower is better)",
                    title="FID per epoch (line), final evaluation (star)")
-        fid_ax.legend(loc="best", fontsize="small")
-        fid_ax.grid(alpha=0.3)
+    fig.legend(handles, names, loc="outside lower center", ncols=columns, fontsize="small")
+    return fig
+
+
+def plot_runs(client: MlflowClient, runs: pd.DataFrame, path: str | Path) -> None:
+    """`runs_figure` saved as a PNG at `path`."""
+    fig = runs_figure(client, runs)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

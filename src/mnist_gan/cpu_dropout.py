@@ -13,16 +13,20 @@ saved RNG state replay the masks exactly, as they do nn.Dropout's.
 
 The kernel is compiled once per machine by torch.utils.cpp_extension (about 20 s; the build is
 cached under ~/.cache/torch_extensions). Where it cannot be built (no C++ compiler), `kernels()`
-returns None and the MLPs run as a plain nn.Sequential instead: the same model, slower.
+returns None and the MLPs run as a plain nn.Sequential instead: the same model and weights, but
+nn.Dropout's masks, so not the fused path's results to the bit, and slower.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -33,36 +37,81 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("dropout.cpp")
 
 
-def _machine_tag() -> str:
-    """The CPU's instruction-set flags: the build uses -march=native, so a build cache shared
-    between different CPUs (a network home) must not hand one CPU another's binary."""
+class Activation(enum.IntEnum):
+    """The activations of the fused layers, the one list of them: each name is oneDNN's post-op,
+    each value the code the kernel's backward takes. dropout.cpp's `enum class Activation` is made
+    from this class at build time (`_cflags`), and the kernel does not compile where it lacks the
+    derivative of one of them."""
+
+    none = 0
+    relu = 1
+    leaky_relu = 2
+    tanh = 3
+
+
+def _cflags() -> list[str]:
+    # -Werror=switch: a switch over Activation without a case for each member does not compile
+    activations = ",".join(f"{activation.name}={activation.value}" for activation in Activation)
+    return ["-O3", "-march=native", "-Werror=switch", f"-DMNIST_GAN_ACTIVATIONS={activations}"]
+
+
+def _build_name(source: str, cflags: list[str]) -> str:
+    """The extension's name, from what makes one build differ from another: the source, the flags,
+    and the CPU's instruction-set flags (-march=native: a build cache shared between different CPUs,
+    a network home, must not hand one CPU another's binary). From the source's text, not its path:
+    checkouts of the same code share one build, and checkouts of different code do not rebuild
+    each other's in turn."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
     except (OSError, StopIteration):
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+        cpu = ""
+    digest = hashlib.sha1("\n".join([cpu, source, *cflags]).encode()).hexdigest()[:8]
+    return f"mnist_gan_dropout_{digest}"
+
+
+@contextlib.contextmanager
+def _build_environment() -> Iterator[None]:
+    """What the build needs, for the build only (then restored):
+
+    - ninja on PATH: torch runs it from there, and the pip package's binary is not on it where the
+      virtual environment is not activated (`.venv/bin/python ...`);
+    - torch.utils.cpp_extension's logger muted below errors: on import, a CUDA build of torch on a
+      machine without a GPU warns that no CUDA runtime is found, and without a compiler the build
+      warns that "c++" is not a compatible one; neither concerns a CPU kernel, and a failed build is
+      logged once, by kernels(), with its error.
+    """
+    path = os.environ.get("PATH")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    if shutil.which("ninja") is None:
+        import ninja
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path or ''}"
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 @functools.cache
 def kernels() -> ModuleType | None:
     """The compiled kernels, or None (logged once) where they cannot be built."""
     try:
-        # imported here, as only CPU training needs it; on import it warns that no CUDA runtime
-        # is found, which does not concern a CPU kernel
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        from torch.utils import cpp_extension
-        if shutil.which("ninja") is None:  # the build runs ninja from PATH: add the pip package's
-            import ninja
-            os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+        source, cflags = _SOURCE.read_text(), _cflags()
         log.info("loading the CPU dropout kernel (the first time on a machine, it is built: ~20 s)")
-        # from the source's text, not its path: the build is then the same for every checkout
-        # of the project (a path of its own would rebuild it each time another one loads it)
-        return cpp_extension.load_inline(f"mnist_gan_dropout_{_machine_tag()}", _SOURCE.read_text(),
-                                         extra_cflags=["-O3", "-march=native"])
+        with _build_environment():
+            from torch.utils import cpp_extension  # imported here, as only CPU training needs it
+            return cpp_extension.load_inline(_build_name(source, cflags), source, extra_cflags=cflags)
     except Exception as error:  # noqa: BLE001 - any failure to build means: no fused dropout
-        log.warning("could not build the fused CPU dropout kernel, so the MLPs train as a plain "
-                    "nn.Sequential on CPU (same results, slower): %s", error)
+        log.warning("could not build the fused CPU dropout kernel, so on CPU the MLPs train as a plain "
+                    "nn.Sequential: the same model and weights, but with nn.Dropout's masks instead of "
+                    "the kernel's, so results are not bit-identical to the fused path's, and slower: %s",
+                    error)
         return None
 
 

@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 
 namespace {
 
@@ -86,29 +85,33 @@ void dropout_kernel(T* y, int64_t n, const Mask& mask) {
   });
 }
 
+// The activations, as mnist_gan.cpu_dropout.Activation names and numbers them: the build defines
+// MNIST_GAN_ACTIVATIONS from that table ("none=0,relu=1,..."), and compiles with -Werror=switch, so
+// backward_typed's switch has a case, and derivative a formula, for every activation of the table:
+// the two cannot drift apart.
+#ifndef MNIST_GAN_ACTIVATIONS
+#error "MNIST_GAN_ACTIVATIONS is defined by mnist_gan.cpu_dropout's build"
+#endif
+enum class Activation : int64_t { MNIST_GAN_ACTIVATIONS };
+
 // The activations' derivatives from out = act(h) * keep, where keep > 0: relu and leaky_relu need
 // only the sign of act(h), which the scaling keeps; tanh's needs act(h) = out / scale.
-enum Activation { kNone, kRelu, kLeakyRelu, kTanh };
-
-// by oneDNN's post-op name, the name mnist_gan.models gives each block's activation
-Activation activation_of(const std::string& name) {
-  if (name == "none") return kNone;
-  if (name == "relu") return kRelu;
-  if (name == "leaky_relu") return kLeakyRelu;
-  TORCH_CHECK(name == "tanh", "no derivative for activation '", name,
-              "': none, relu, leaky_relu or tanh");
-  return kTanh;
-}
-
+// backward_typed's switch instantiates this for every activation, so one without a derivative here
+// does not compile.
 template <Activation A>
 inline float derivative(float out, float scale, float slope) {
-  if constexpr (A == kRelu) return out > 0.f ? 1.f : 0.f;
-  if constexpr (A == kLeakyRelu) return out > 0.f ? 1.f : slope;
-  if constexpr (A == kTanh) {
+  if constexpr (A == Activation::none) {
+    return 1.f;
+  } else if constexpr (A == Activation::relu) {
+    return out > 0.f ? 1.f : 0.f;
+  } else if constexpr (A == Activation::leaky_relu) {
+    return out > 0.f ? 1.f : slope;
+  } else if constexpr (A == Activation::tanh) {
     float y = out / scale;
     return 1.f - y * y;
+  } else {
+    static_assert(A != A, "no derivative for this activation");
   }
-  return 1.f;
 }
 
 template <Activation A, typename T>
@@ -127,11 +130,13 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& out, at::Tensor& g
   T* gh = grad_h.mutable_data_ptr<T>();
   int64_t n = out.numel();
   switch (activation) {
-    case kRelu: return backward_kernel<kRelu>(g, o, gh, n, mask, slope);
-    case kLeakyRelu: return backward_kernel<kLeakyRelu>(g, o, gh, n, mask, slope);
-    case kTanh: return backward_kernel<kTanh>(g, o, gh, n, mask, slope);
-    case kNone: return backward_kernel<kNone>(g, o, gh, n, mask, slope);
+    case Activation::none: return backward_kernel<Activation::none>(g, o, gh, n, mask, slope);
+    case Activation::relu: return backward_kernel<Activation::relu>(g, o, gh, n, mask, slope);
+    case Activation::leaky_relu: return backward_kernel<Activation::leaky_relu>(g, o, gh, n, mask, slope);
+    case Activation::tanh: return backward_kernel<Activation::tanh>(g, o, gh, n, mask, slope);
   }
+  TORCH_CHECK(false, "no activation numbered ", static_cast<int64_t>(activation),
+              " (mnist_gan.cpu_dropout.Activation numbers them)");
 }
 
 void check(const at::Tensor& t, const char* name) {
@@ -156,9 +161,9 @@ void dropout_(at::Tensor y, int64_t seed, double p) {
 // d loss / d h of out = act(h) * keep / (1 - p), from d loss / d out and out: the same mask
 // (same seed and p) recomputed, times the activation's derivative
 at::Tensor dropout_backward(at::Tensor grad, at::Tensor out, int64_t seed, double p,
-                            const std::string& activation_name, double slope) {
+                            int64_t activation_code, double slope) {
   check(out, "out");
-  Activation activation = activation_of(activation_name);
+  auto activation = static_cast<Activation>(activation_code);
   grad = grad.to(out.scalar_type()).contiguous();
   TORCH_CHECK(grad.sizes() == out.sizes(), "grad and out differ in shape");
   auto grad_h = at::empty_like(out);

@@ -40,12 +40,13 @@ def resolve_generator(source: str, device: torch.device) -> GeneratorModel:
         return _load_generator(path, device, source)
     import mlflow  # only for URIs: generating from a file works without MLflow
 
-    from mnist_gan import tracking
+    from mnist_gan import store
+    from mnist_gan.mlflow_model import GENERATOR_MODEL
 
     uri = source.rstrip("/")
     if uri.startswith("runs:/") and uri.count("/") == 1:
-        uri = f"{uri}/{tracking.GENERATOR_MODEL}"  # runs:/<id> means the run's generator
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+        uri = f"{uri}/{GENERATOR_MODEL}"  # runs:/<id> means the run's generator
+    mlflow.set_tracking_uri(store.tracking_uri())
     # a few small files: MLflow's per-download progress bars would only clutter the output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,8 @@
 - cgan: the dcgan nets conditioned on the digit's label.
 
 Every net takes and returns flat images [B, 784] in [-1, 1], and `labels` [B]
-(int64 digits) when conditional. Discriminators return *logits*;
+(int64 digits), which a conditional net requires and an unconditional one ignores, so
+callers need not know which kind they hold. Discriminators return *logits*;
 D(x) = sigmoid(logit): the tutorial's last Sigmoid is moved into the losses so
 they can be computed in a numerically stable form.
 """
@@ -20,10 +21,12 @@ import torch
 from torch import nn
 
 from mnist_gan import cpu_dropout
+from mnist_gan.cpu_dropout import Activation
 from mnist_gan.files import atomic_path
 
 IMAGE_SIZE = 28 * 28
 N_CLASSES = 10
+CONDITIONAL = ("cgan",)  # the presets whose nets take the digit's label
 
 # The MLPs' fast CPU path. Measured on the 2-core AMD machine (benchmarks/bench.py):
 # - PyTorch sends CPU fp32 matmuls to MKL, which on AMD CPUs takes a slower non-AVX-512 path;
@@ -36,30 +39,40 @@ N_CLASSES = 10
 # (CUDA, torch.export for MLflow's pt2 format, or no C++ compiler for the dropout kernel) the
 # same modules run as a plain nn.Sequential.
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+# oneDNN has bf16 inner products only on CPUs with AVX-512 (BF16 or not) or AMX; elsewhere, such as
+# AVX2-only CPUs, it refuses to create them, and bf16 autocast runs the plain modules instead
+FUSED_DTYPES = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (
+    torch.float32,)
 _aten = torch.ops.aten
 
 
 class PostOp(NamedTuple):
     """oneDNN's post-op for an activation, and the activation's backward from its output."""
 
-    name: str  # the post-op; the dropout kernel's backward takes the same name
+    activation: Activation  # its name is oneDNN's post-op; the dropout kernel's backward takes it too
     scalars: list[float]
     backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
 
 
+# The activation modules a fused block takes, each with its post-op (the activations themselves are
+# listed once, in cpu_dropout.Activation, which the dropout kernel's C++ is built from)
+_FUSED_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], PostOp]] = {
+    nn.ReLU: lambda _: PostOp(Activation.relu, [], lambda grad, y: _aten.threshold_backward(grad, y, 0)),
+    nn.LeakyReLU: lambda leaky: PostOp(
+        Activation.leaky_relu, [leaky.negative_slope],
+        lambda grad, y: _aten.leaky_relu_backward(grad, y, leaky.negative_slope, True)),
+    nn.Tanh: lambda _: PostOp(Activation.tanh, [], _aten.tanh_backward),
+}
+
+
 def _post_op(activation: nn.Module | None) -> PostOp:
     if activation is None:
-        return PostOp("none", [], None)
-    if isinstance(activation, nn.ReLU):
-        return PostOp("relu", [], lambda grad, y: _aten.threshold_backward(grad, y, 0))
-    if isinstance(activation, nn.LeakyReLU):
-        slope = activation.negative_slope
-        return PostOp("leaky_relu", [slope],
-                      lambda grad, y: _aten.leaky_relu_backward(grad, y, slope, True))
-    return PostOp("tanh", [], _aten.tanh_backward)
-
-
-_FUSED_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
+        return PostOp(Activation.none, [], None)
+    if type(activation) not in _FUSED_ACTIVATIONS:  # the exact class: a subclass may compute otherwise
+        *others, last = (cls.__name__ for cls in _FUSED_ACTIVATIONS)
+        raise TypeError(f"a fused MLP block has no post-op for {activation!r}; "
+                        f"it takes {', '.join(others)} or {last}")
+    return _FUSED_ACTIVATIONS[type(activation)](activation)
 
 
 class _DenseFn(torch.autograd.Function):
@@ -68,7 +81,7 @@ class _DenseFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, post_op: PostOp, p: float):
-        y = _onednn_linear(x, weight, bias, post_op.name, post_op.scalars, "")
+        y = _onednn_linear(x, weight, bias, post_op.activation.name, post_op.scalars, "")
         ctx.post_op, ctx.p = post_op, p
         if p:
             ctx.seed = cpu_dropout.draw_seed()
@@ -82,7 +95,7 @@ class _DenseFn(torch.autograd.Function):
         post_op = ctx.post_op
         if ctx.p:
             grad = cpu_dropout.kernels().dropout_backward(
-                grad, y, ctx.seed, ctx.p, post_op.name,
+                grad, y, ctx.seed, ctx.p, post_op.activation,
                 post_op.scalars[0] if post_op.scalars else 0.0)
         elif post_op.backward is not None:
             grad = post_op.backward(grad, y)
@@ -104,11 +117,12 @@ class MLP(nn.Sequential):
         while i < len(modules):
             linear = modules[i]
             if not isinstance(linear, nn.Linear):
-                raise TypeError(f"MLP takes Linear [ReLU|LeakyReLU|Tanh] [Dropout] blocks; "
+                activations = "|".join(cls.__name__ for cls in _FUSED_ACTIVATIONS)
+                raise TypeError(f"MLP takes Linear [{activations}] [Dropout] blocks; "
                                 f"module {i} is {linear!r}")
             i += 1
             activation = dropout = None
-            if i < len(modules) and isinstance(modules[i], _FUSED_ACTIVATIONS):
+            if i < len(modules) and type(modules[i]) in _FUSED_ACTIVATIONS:
                 activation, i = modules[i], i + 1
             if i < len(modules) and isinstance(modules[i], nn.Dropout):
                 dropout, i = modules[i], i + 1
@@ -121,7 +135,7 @@ class MLP(nn.Sequential):
             dtype = x.dtype
         ps = [dropout.p if self.training and dropout is not None else 0.0 for _, _, dropout in self._blocks]
         if not (_onednn_linear is not None and x.device.type == "cpu" and x.dim() == 2
-                and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+                and dtype in FUSED_DTYPES and not torch.compiler.is_compiling()
                 and (not any(ps) or cpu_dropout.kernels() is not None)):
             return super().forward(x)
         x = x.to(dtype)
@@ -147,7 +161,7 @@ class Generator(nn.Module):
         )
         init_weights(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(z)
 
 
@@ -166,7 +180,7 @@ class Discriminator(nn.Module):
         )
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x).squeeze(-1)
 
 
@@ -259,7 +273,7 @@ def build_models(model: str, d_noise: int, width: int, dropout: float,
     if model == "mlp":
         pair = Generator(d_noise, width, dropout), Discriminator(width, dropout)
     else:
-        n_classes = N_CLASSES if model == "cgan" else 0
+        n_classes = N_CLASSES if model in CONDITIONAL else 0
         pair = ConvGenerator(d_noise, width, n_classes), ConvDiscriminator(width, n_classes, dropout)
     return pair[0].to(device), pair[1].to(device)
 

@@ -18,8 +18,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_gan import tracking
+from mnist_gan import store
 from mnist_gan.errors import UserError
+from mnist_gan.mlflow_model import GENERATOR_MODEL
 
 REGISTERED_MODEL = "mnist-gan"
 ALIAS = "champion"
@@ -48,7 +49,7 @@ def _champion(client: MlflowClient) -> tuple[str, float] | None:
 
 def promote(run_id: str) -> Promotion:
     """Register `run_id`'s generator and move the champion alias to it if its FID is lower."""
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_tracking_uri(store.tracking_uri())
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -80,9 +81,9 @@ def _generator_uri(client: MlflowClient, run: mlflow.entities.Run) -> str:
     models apart from run artifacts; naming it avoids MLflow's fallback warning for runs:/ URIs)."""
     outputs = run.outputs.model_outputs if run.outputs else []
     logged = [client.get_logged_model(o.model_id) for o in sorted(outputs, key=lambda o: o.step)]
-    generators = [m for m in logged if m.name == tracking.GENERATOR_MODEL]
+    generators = [m for m in logged if m.name == GENERATOR_MODEL]
     if not generators:
-        raise PromoteError(f"run {run.info.run_id} has no logged '{tracking.GENERATOR_MODEL}' model: "
+        raise PromoteError(f"run {run.info.run_id} has no logged '{GENERATOR_MODEL}' model: "
                            "it did not finish the train stage")
     return f"models:/{generators[-1].model_id}"
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ from mnist_gan import checkpoint as ckpt
 from mnist_gan.errors import UserError
 from mnist_gan.losses import loss_d as compute_loss_d
 from mnist_gan.losses import loss_g as compute_loss_g
-from mnist_gan.models import N_CLASSES, DiscriminatorModel, GeneratorModel, build_models
+from mnist_gan.models import CONDITIONAL, N_CLASSES, DiscriminatorModel, GeneratorModel, build_models
 from mnist_gan.params import Params, ParamsError
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,18 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def conditioning(model: GeneratorModel | DiscriminatorModel, labels: torch.Tensor | None) -> tuple:
-    """The extra forward arguments of `model`: (labels,) for a conditional net, else ()."""
-    if not model.n_classes:
-        return ()
-    if labels is None:
-        raise ValueError("a conditional model needs the images' labels")
-    return (labels,)
+@contextmanager
+def eval_mode(*nets: torch.nn.Module) -> Iterator[None]:
+    """`nets` in eval mode (no dropout, batch norm's running statistics), each back in its own
+    mode afterwards: evaluation inside training must not leave G or D in eval mode."""
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        yield
+    finally:
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
 
 
 def random_labels(generator: GeneratorModel, n: int,
@@ -104,24 +109,17 @@ def d_scores(generator: GeneratorModel, discriminator: DiscriminatorModel, real:
     """The tutorial's evaluation: mean D(x) over `real` and mean D(G(z)) over
     `n_fake` fresh samples, both nets in eval mode. `rng` fixes z (evaluate stage);
     a conditional D also gets `real_labels` and the fakes' random labels."""
-    was_training = generator.training, discriminator.training
-    generator.eval()
-    discriminator.eval()
     device = real.device
-    with autocast(device, precision):
+    with eval_mode(generator, discriminator), autocast(device, precision):
         p_real = torch.zeros((), device=device)
         for rows in torch.arange(len(real), device=device).split(chunk):
             labels = None if real_labels is None else real_labels[rows]
-            logits = discriminator(real[rows], *conditioning(discriminator, labels))
-            p_real += torch.sigmoid(logits.float()).sum()
+            p_real += torch.sigmoid(discriminator(real[rows], labels).float()).sum()
         p_fake = torch.zeros((), device=device)
         for n in torch.arange(n_fake).split(chunk):
             z = torch.randn(len(n), generator.d_noise, device=device, generator=rng)
             labels = random_labels(generator, len(n), rng)
-            fake = generator(z, *conditioning(generator, labels))
-            p_fake += torch.sigmoid(discriminator(fake, *conditioning(discriminator, labels)).float()).sum()
-    generator.train(was_training[0])
-    discriminator.train(was_training[1])
+            p_fake += torch.sigmoid(discriminator(generator(z, labels), labels).float()).sum()
     return (p_real / len(real)).item(), (p_fake / n_fake).item()
 
 
@@ -142,11 +140,151 @@ def latents(generator: GeneratorModel, n: int, device: torch.device, rng: torch.
 @torch.no_grad()
 def sample(generator: GeneratorModel, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Images [N, 784] in [-1, 1] of `z` (and `labels`, for a conditional generator), in eval mode."""
-    was_training = generator.training
-    generator.eval()
-    images = generator(z, *conditioning(generator, labels)).float()
-    generator.train(was_training)
-    return images
+    with eval_mode(generator):
+        return generator(z, labels).float()
+
+
+@dataclass
+class TrainState:
+    """Everything a training step or an epoch's end changes, and a checkpoint holds."""
+
+    params: Params
+    generator: GeneratorModel
+    discriminator: DiscriminatorModel
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: AveragedModel | None  # the average of G's weights, when params.ema > 0
+    fixed_noise: torch.Tensor  # [16, d_noise]: the same z for every sample grid
+    fixed_labels: torch.Tensor | None  # the grid's digits for a conditional model: 0-9, then 0-5
+    history: list[dict[str, float]] = field(default_factory=list)
+    samples: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, params: Params, device: torch.device, train_labels: torch.Tensor | None) -> TrainState:
+        """Fresh nets from `params.seed`, their optimisers and G's average."""
+        torch.manual_seed(params.seed)  # dropout draws from the global RNG, so seed it
+        generator, discriminator = build_models(params.model, params.d_noise, params.width,
+                                                params.dropout, device)
+        conditional = generator.n_classes > 0
+        if conditional:  # p(y) of the training set: what "a random digit" means when sampling
+            generator.label_prior.copy_(torch.bincount(train_labels, minlength=N_CLASSES) / len(train_labels))
+        fixed_noise = torch.randn(N_FIXED_NOISE, params.d_noise, device=device)
+        fixed_labels = torch.arange(N_FIXED_NOISE, device=device) % N_CLASSES if conditional else None
+        betas = (params.beta1, 0.999)
+        # fused Adam: one kernel for all parameters instead of a Python loop over them
+        opt_g = torch.optim.Adam(generator.parameters(), lr=params.lr, betas=betas, fused=True)
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=params.lr, betas=betas, fused=True)
+        # EMA of G's weights (Yazici et al. 2019), batch-norm statistics included (use_buffers)
+        ema = (AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(params.ema), use_buffers=True)
+               if params.ema else None)
+        return cls(params, generator, discriminator, opt_g, opt_d, ema, fixed_noise, fixed_labels)
+
+    def resume(self, checkpoint: dict[str, Any], device: torch.device) -> int:
+        """Weights, optimiser moments, RNG state, history and grids of `checkpoint`; its epoch."""
+        epoch = ckpt.restore(checkpoint, self.generator, self.discriminator, self.opt_g, self.opt_d,
+                             device, ema=self.ema)
+        self.history, self.samples = checkpoint["history"], checkpoint["samples"]
+        self.fixed_noise = checkpoint["fixed_noise"].to(device)
+        return epoch
+
+    @property
+    def sampler(self) -> GeneratorModel:
+        """The generator that draws the grids: the EMA average when there is one."""
+        return self.generator if self.ema is None else self.ema.module
+
+    def save(self, path: Path, epoch: int, run_id: str | None) -> None:
+        ckpt.save(path, params=self.params, epoch=epoch, generator=self.generator,
+                  discriminator=self.discriminator, opt_g=self.opt_g, opt_d=self.opt_d,
+                  history=self.history, samples=self.samples, fixed_noise=self.fixed_noise,
+                  run_id=run_id, ema=self.ema)
+
+
+def d_step(state: TrainState, real: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
+    """(1) Update D: maximize log D(x) + log(1 - D(G(z))) on a real batch and as many fresh
+    fakes; returns loss_d. A conditional D sees real images with their labels and fakes with
+    the labels they were drawn for."""
+    params, m = state.params, len(real)
+    fake_labels = random_labels(state.generator, m)
+    labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
+    z = torch.randn(m, params.d_noise, device=real.device)
+    with autocast(real.device, params.precision):
+        with torch.no_grad():
+            fake = state.generator(z, fake_labels)
+        # one pass over real and fake together: one matmul per layer instead of two
+        logits = state.discriminator(torch.cat([real, fake.to(real.dtype)]), labels).float()
+    loss_d = compute_loss_d(logits[:m], logits[m:], params.loss)
+    state.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    state.opt_d.step()
+    return loss_d.detach()
+
+
+def g_step(state: TrainState, m: int, device: torch.device) -> torch.Tensor:
+    """(2) Update G: maximize log D(G(z)) with m fresh z (non-saturating loss), D's weights
+    untouched; then G's average follows. Returns loss_g."""
+    params = state.params
+    state.discriminator.requires_grad_(False)  # G's step needs no D weight gradients
+    z = torch.randn(m, params.d_noise, device=device)
+    labels = random_labels(state.generator, m)
+    with autocast(device, params.precision):
+        logit_fake = state.discriminator(state.generator(z, labels), labels).float()
+    loss_g = compute_loss_g(logit_fake, params.loss)
+    state.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    state.opt_g.step()
+    state.discriminator.requires_grad_(True)
+    if state.ema is not None:
+        state.ema.update_parameters(state.generator)
+    return loss_g.detach()
+
+
+def train_epoch(state: TrainState, epoch: int, images: torch.Tensor, labels: torch.Tensor | None,
+                on_step: Callable[[int, int], None] | None = None) -> tuple[float, float]:
+    """One pass over the training set in a new shuffled order, a D step and a G step per batch;
+    the epoch's mean loss_d and loss_g."""
+    state.generator.train()
+    state.discriminator.train()
+    # loss sums stay on the device: no host sync inside the epoch
+    loss_sums = torch.zeros(2, device=images.device)
+    batches = torch.randperm(len(images), device=images.device).split(state.params.batch_size)
+    for step, idx in enumerate(batches):
+        if on_step is not None:
+            on_step(epoch, step)
+        real = images.index_select(0, idx)  # 3x faster than images[idx] on CPU
+        loss_d = d_step(state, real, None if labels is None else labels[idx])
+        loss_g = g_step(state, len(idx), images.device)
+        loss_sums += torch.stack([loss_d, loss_g])
+    mean_d, mean_g = (loss_sums / len(batches)).tolist()
+    if not (torch.isfinite(torch.tensor([mean_d, mean_g])).all()):
+        raise TrainingDiverged(f"epoch {epoch}: loss_d={mean_d}, loss_g={mean_g} is not finite; "
+                               "lower lr or try precision=fp32. The last good checkpoint is kept.")
+    return mean_d, mean_g
+
+
+def end_epoch(state: TrainState, epoch: int, losses: tuple[float, float], started: float,
+              test_images: torch.Tensor, test_labels: torch.Tensor | None, tracker: Tracker,
+              checkpoint_path: Path | None) -> dict[str, float]:
+    """Evaluate: the tutorial's D scores on the test set and fresh samples; log the epoch's
+    record, draw the fixed-noise grid every sample_every epochs, checkpoint every
+    checkpoint_every (not at the last epoch: the stage's outputs take over)."""
+    params = state.params
+    p_real, p_fake = d_scores(state.generator, state.discriminator, test_images, len(test_images),
+                              real_labels=test_labels, precision=params.precision)
+    record = {"epoch": epoch, "p_real": p_real, "p_fake": p_fake, "loss_d": losses[0],
+              "loss_g": losses[1], "seconds": time.perf_counter() - started}
+    state.history.append(record)
+    tracker.log_epoch(record)
+
+    if epoch % params.sample_every == 0 or epoch == params.epochs:
+        state.samples[epoch] = sample(state.sampler, state.fixed_noise, state.fixed_labels).cpu()
+        tracker.log_samples(epoch, state.samples[epoch])
+        log.info("epoch %d/%d  p_real %.3f  p_fake %.3f  loss_d %.3f  loss_g %.3f",
+                 epoch, params.epochs, p_real, p_fake, *losses)
+
+    if checkpoint_path is not None and params.checkpoint_every and (
+            epoch % params.checkpoint_every == 0 and epoch < params.epochs):
+        state.save(checkpoint_path, epoch, tracker.run_id)
+    return record
 
 
 def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
@@ -165,109 +303,23 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
     tracker = tracker or NullTracker()
     if params.batch_size > len(train_images):
         raise ParamsError(f"'batch_size' = {params.batch_size} is larger than the training set "
-                         f"({len(train_images)} images); lower batch_size")
-    torch.manual_seed(params.seed)  # dropout draws from the global RNG, so seed it
-    generator, discriminator = build_models(params.model, params.d_noise, params.width, params.dropout,
-                                            device)
-    conditional = generator.n_classes > 0
-    if conditional and (train_labels is None or test_labels is None):
+                          f"({len(train_images)} images); lower batch_size")
+    if params.model in CONDITIONAL and (train_labels is None or test_labels is None):
         raise ValueError(f"model '{params.model}' is conditional: pass train_labels and test_labels")
-    if conditional:
-        generator.label_prior.copy_(torch.bincount(train_labels, minlength=N_CLASSES) / len(train_labels))
-    fixed_noise = torch.randn(N_FIXED_NOISE, params.d_noise, device=device)
-    # the grid's digits for a conditional model: 0-9, then 0-5
-    fixed_labels = torch.arange(N_FIXED_NOISE, device=device) % N_CLASSES if conditional else None
-    betas = (params.beta1, 0.999)
-    # fused Adam: one kernel for all parameters instead of a Python loop over them
-    opt_g = torch.optim.Adam(generator.parameters(), lr=params.lr, betas=betas, fused=True)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=params.lr, betas=betas, fused=True)
-    # EMA of G's weights (Yazici et al. 2019), batch-norm statistics included (use_buffers)
-    ema = (AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(params.ema), use_buffers=True)
-           if params.ema else None)
-    history: list[dict[str, float]] = []
-    samples: dict[int, torch.Tensor] = {}
+    state = TrainState.start(params, device, train_labels)
     start_epoch = 0
     if resume is not None:
-        start_epoch = ckpt.restore(resume, generator, discriminator, opt_g, opt_d, device, ema=ema)
-        history, samples, fixed_noise = resume["history"], resume["samples"], resume["fixed_noise"].to(device)
+        start_epoch = state.resume(resume, device)
         log.info("resuming after epoch %d from %s", start_epoch, checkpoint_path)
-    sampler = generator if ema is None else ema.module
 
-    n, b = len(train_images), params.batch_size
-    cast = autocast(device, params.precision)
     bar = tqdm(range(start_epoch + 1, params.epochs + 1), desc="train", unit="epoch",
                initial=start_epoch, total=params.epochs, disable=None)
     for epoch in bar:
         started = time.perf_counter()
-        generator.train()
-        discriminator.train()
-        # loss sums stay on the device: no host sync inside the epoch
-        loss_sums = torch.zeros(2, device=device)
-        batches = torch.randperm(n, device=device).split(b)
-        for step, idx in enumerate(batches):
-            if on_step is not None:
-                on_step(epoch, step)
-            real = train_images.index_select(0, idx)  # 3x faster than train_images[idx] on CPU
-            m = len(idx)
-            # conditional: D sees real images with their labels, fakes with the labels they were drawn for
-            labels = (torch.cat([train_labels[idx], random_labels(generator, m)])
-                      if conditional else None)
-
-            # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
-            z = torch.randn(m, params.d_noise, device=device)
-            with cast:
-                with torch.no_grad():
-                    fake = generator(z, *conditioning(generator, None if labels is None else labels[m:]))
-                # one pass over real and fake together: one matmul per layer instead of two
-                logits = discriminator(torch.cat([real, fake.to(real.dtype)]),
-                                       *conditioning(discriminator, labels)).float()
-            loss_d = compute_loss_d(logits[:m], logits[m:], params.loss)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-
-            # (2) Update G: maximize log D(G(z)) with fresh z (non-saturating loss)
-            discriminator.requires_grad_(False)  # G's step needs no D weight gradients
-            z = torch.randn(m, params.d_noise, device=device)
-            fake_labels = random_labels(generator, m)
-            with cast:
-                fake = generator(z, *conditioning(generator, fake_labels))
-                logit_fake = discriminator(fake, *conditioning(discriminator, fake_labels)).float()
-            loss_g = compute_loss_g(logit_fake, params.loss)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            discriminator.requires_grad_(True)
-            if ema is not None:
-                ema.update_parameters(generator)
-
-            loss_sums += torch.stack([loss_d.detach(), loss_g.detach()])
-
-        # Evaluate: the tutorial's D scores on the test set and fresh samples
-        mean_d, mean_g = (loss_sums / len(batches)).tolist()
-        if not (torch.isfinite(torch.tensor([mean_d, mean_g])).all()):
-            raise TrainingDiverged(f"epoch {epoch}: loss_d={mean_d}, loss_g={mean_g} is not finite; "
-                                   "lower lr or try precision=fp32. The last good checkpoint is kept.")
-        p_real, p_fake = d_scores(generator, discriminator, test_images, len(test_images),
-                                  real_labels=test_labels, precision=params.precision)
-        record = {"epoch": epoch, "p_real": p_real, "p_fake": p_fake, "loss_d": mean_d,
-                  "loss_g": mean_g, "seconds": time.perf_counter() - started}
-        history.append(record)
-        tracker.log_epoch(record)
-        bar.set_postfix(p_real=f"{p_real:.3f}", p_fake=f"{p_fake:.3f}")
-
-        if epoch % params.sample_every == 0 or epoch == params.epochs:
-            samples[epoch] = sample(sampler, fixed_noise, fixed_labels).cpu()
-            tracker.log_samples(epoch, samples[epoch])
-            log.info("epoch %d/%d  p_real %.3f  p_fake %.3f  loss_d %.3f  loss_g %.3f",
-                     epoch, params.epochs, p_real, p_fake, mean_d, mean_g)
-
-        if checkpoint_path is not None and params.checkpoint_every and (
-                epoch % params.checkpoint_every == 0 and epoch < params.epochs):
-            ckpt.save(checkpoint_path, params=params, epoch=epoch, generator=generator,
-                      discriminator=discriminator, opt_g=opt_g, opt_d=opt_d, history=history,
-                      samples=samples, fixed_noise=fixed_noise, run_id=tracker.run_id, ema=ema)
+        losses = train_epoch(state, epoch, train_images, train_labels, on_step)
+        record = end_epoch(state, epoch, losses, started, test_images, test_labels, tracker, checkpoint_path)
+        bar.set_postfix(p_real=f"{record['p_real']:.3f}", p_fake=f"{record['p_fake']:.3f}")
     bar.close()
-    return TrainResult(generator, discriminator, history, samples,
-                       train_seconds=sum(r["seconds"] for r in history),
-                       ema=None if ema is None else ema.module)
+    return TrainResult(state.generator, state.discriminator, state.history, state.samples,
+                       train_seconds=sum(r["seconds"] for r in state.history),
+                       ema=None if state.ema is None else state.ema.module)
