@@ -1,15 +1,136 @@
-"""`make bench` end to end: benchmarks/bench.py as a process, one timed epoch of each loop."""
+"""benchmarks/: the FLOP model against hand counts, the interleaving hook on the real train(), and
+`make bench` end to end (benchmarks/bench.py as a process, one timed epoch of each loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from mnist_gan.data import load_images
+from mnist_gan.training import train
+from tests.helpers import CPU, REPO, write_synthetic_mnist
+
+if str(REPO / "benchmarks") not in sys.path:  # its modules import each other as bench.py's folder
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import flops  # noqa: E402
+import timing  # noqa: E402
+
+PRESETS = ("mlp", "dcgan", "cgan")
+
+
+def layer_flops(model: str, d_noise: int, width: int) -> tuple[list[int], list[int]]:
+    """Forward FLOPs per image of each weighted layer of G and of D, by hand (2 x multiply-adds)."""
+    w = width
+    if model == "mlp":
+        g = [(d_noise, w), (w, w), (w, 28 * 28)]
+        d = [(28 * 28, w), (w, w), (w, 1)]
+        return [2 * k * n for k, n in g], [2 * k * n for k, n in d]
+    labels = 10 if model == "cgan" else 0  # cgan: a 10-d label embedding appended to z
+    # G: Linear to 2w x 7 x 7; ConvTranspose 2w -> w, a 4x4 kernel per 7x7 input; w -> 1 per 14x14
+    g = [2 * (d_noise + labels) * 2 * w * 49, 2 * 49 * 2 * w * w * 16, 2 * 196 * w * 16]
+    # D: Conv 1 -> w, 4x4 per 14x14 output; w -> 2w per 7x7 output; Linear 2w x 7 x 7 -> 1
+    d = [2 * 196 * w * 16, 2 * 49 * w * 2 * w * 16, 2 * 2 * w * 49]
+    return g, d
+
+
+def project_step_by_hand(g: list[int], d: list[int], b: int, conditional: bool) -> int:
+    """What mnist_gan.training runs per step, with backward = input gradient + weight gradient,
+    each as costly as the forward."""
+    d_step = (sum(g) * b                   # G forward, no grad
+              + 2 * sum(d) * 2 * b         # D forward and weight gradients on real + fake
+              + (sum(d) - d[0]) * 2 * b)   # D input gradients, but not into the images
+    g_step = (sum(g) * b + sum(d) * b      # G and D forward
+              + sum(d) * b                 # D input gradients only: its weights are frozen
+              + sum(g) * b                 # G weight gradients
+              + (sum(g) - (0 if conditional else g[0])) * b)  # G input gradients: not into z
+    return d_step + g_step
+
+
+@pytest.mark.parametrize("model", PRESETS)
+@pytest.mark.parametrize(("d_noise", "width", "b"), [(100, 256, 200), (3, 5, 7)])
+def test_flops_of_each_preset_are_the_hand_count_of_its_layers(model, d_noise, width, b):
+    g, d = layer_flops(model, d_noise, width)
+    nets = flops.nets(model, d_noise, width)
+    assert flops.count(flops.project_step, *nets, b) == project_step_by_hand(g, d, b, model == "cgan")
+    assert flops.count(flops.evaluation, *nets, b) == b * (2 * sum(d) + sum(g))
+
+
+@pytest.mark.parametrize(("d_noise", "width", "b"), [(100, 256, 200), (3, 5, 7)])
+def test_reference_step_flops_are_the_hand_count_of_the_tutorials_loop(d_noise, width, b):
+    g, d = layer_flops("mlp", d_noise, width)
+    # D step: D on real and on G(z), one backward through both and through G: D's weight gradients
+    # twice, its input gradients into the fake and (but for the first layer) the real, all of G's but z's
+    d_step = b * (sum(d) + sum(g) + sum(d) + 2 * sum(d) + (sum(d) - d[0]) + sum(d) + sum(g) + sum(g) - g[0])
+    # G step: forward, then D's weight and input gradients (its weights still require grad), G's
+    g_step = b * (sum(g) + sum(d) + 2 * sum(d) + sum(g) + sum(g) - g[0])
+    assert flops.count(flops.reference_step, *flops.nets("mlp", d_noise, width), b) == d_step + g_step
+
+
+def test_mlp_epoch_flops_at_the_defaults():
+    """60k / 10k MNIST, batch 200: 300 steps and the evaluation on 10k + 10k."""
+    nets = flops.nets("mlp", 100, 256)
+    assert flops.epoch_flops(flops.project_step, *nets, 60_000, 10_000, 200) == 361_175_040_000
+    assert flops.epoch_flops(flops.reference_step, *nets, 60_000, 10_000, 200) == 484_208_640_000
+    # a ragged last batch counts as a full one
+    assert (flops.epoch_flops(flops.project_step, *nets, 1001, 10, 200)
+            == 6 * flops.count(flops.project_step, *nets, 200) + flops.count(flops.evaluation, *nets, 10))
+
+
+def test_gemms_of_the_mlp_step_hold_all_its_flops_in_nn_linears_layouts():
+    nets = flops.nets("mlp", 100, 256)
+    gemms = flops.gemms(flops.project_step, *nets, 200)
+    assert sum(g.flops for g in gemms) == flops.count(flops.project_step, *nets, 200)
+    # D's step: 3 + 3 forward, D's 3 weight + 2 input gradients; G's step: 3 + 3 forward, D's 3
+    # input gradients, G's 3 weight + 2 input gradients
+    assert len(gemms) == 11 + 14
+    # G's first layer: z [200, 100] @ W^T, W stored [256, 100]; its weight gradient: dY^T [256, 200] @ z
+    assert gemms[0] == flops.Gemm(200, 100, 256, a_transposed=False, b_transposed=True)
+    assert flops.Gemm(256, 200, 100, a_transposed=True, b_transposed=False) in gemms
+
+
+class SleepingReference:
+    """A stand-in for timing.ReferenceLoop: each epoch sleeps SLEEP seconds and notes how many
+    project epochs the hook had timed when it ran."""
+
+    SLEEP = 0.5
+
+    def __init__(self) -> None:
+        self.timed_before: list[int] = []
+        self.interleave: timing.Interleave | None = None
+
+    def epoch(self) -> dict[str, float]:
+        self.timed_before.append(len(self.interleave.seconds))
+        time.sleep(self.SLEEP)
+        return {"seconds": self.SLEEP}
+
+
+def test_interleave_runs_a_reference_epoch_after_each_timed_epoch_outside_their_times(tiny_params, tmp_path):
+    raw = write_synthetic_mnist(tmp_path / "raw", n_train=400, n_test=100)
+    reference = SleepingReference()
+    interleave = reference.interleave = timing.Interleave(reference, CPU)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: two OpenMP threads on busy cores only wait for each other
+    try:
+        started = time.perf_counter()
+        result = train(dataclasses.replace(tiny_params, epochs=3, checkpoint_every=0),
+                       load_images(raw, True, CPU), load_images(raw, False, CPU), CPU, on_step=interleave)
+        interleave.finish()
+        wall = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    assert len(interleave.seconds) == len(interleave.cpu_seconds) == len(result.history) == 3
+    assert reference.timed_before == [2, 3]  # none after the warm-up epoch 1
+    assert len(interleave.reference_records) == 2
+    # the reference's sleeps lie between the project's epochs, in none of them
+    assert sum(interleave.seconds) + 2 * SleepingReference.SLEEP <= wall
+    assert all(s > 0 for s in interleave.seconds)
 
 
 @pytest.mark.slow
@@ -31,3 +152,5 @@ def test_bench_interleaves_the_loops_and_reports_the_ratio(tmp_path):
     assert reference["peak_memory_bytes"] > 0 and project["peak_memory_bytes"] > 0
     assert report["matmul_gflops"]["fp32"] > 0
     assert f"{project['ratio_vs_reference']:.2f}x" in run.stdout
+    assert f"machine: cpu ({report['machine']['cpu']}" in run.stdout
+    assert report["flops_per_epoch"]["project"] == project["flops_per_epoch"]

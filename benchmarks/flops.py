@@ -1,0 +1,151 @@
+"""FLOPs of the two loops' passes, counted from the nets themselves, for any preset.
+
+Each loop's passes are replayed on the nets of `mnist_gan.models.build_models` with tensors on the
+meta device (shapes only: nothing is computed or allocated) under torch's `FlopCounterMode`, which
+counts every matrix product and convolution that runs, forward and backward, as 2 x its
+multiply-adds. Autograd decides which gradients are computed, so the counts follow what each loop
+asks for: the weight gradients of the nets that train, the input gradients only where something
+upstream needs them. Elementwise work (activations, dropout, batch norm, losses, Adam) is O(B x
+width), a few % here, and not counted.
+
+For the MLP preset at the defaults (60k/10k images, batch 200, 100-256-256-784 and 784-256-256-1)
+this gives 361 GFLOP per epoch for the project's loop and 484 GFLOP for the tutorial's
+(tests/test_bench.py checks both against a hand count). The rule of thumb "backward = 2 x forward,
+G forward only in the D step", 2 * 60k * (4 G + 9 D) MACs = 428 GFLOP, matches neither loop.
+
+Imports torch and mnist_gan.models only, so tests can import it without the rest of benchmarks/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from mnist_gan.models import IMAGE_SIZE, DiscriminatorModel, GeneratorModel, build_models
+
+META = torch.device("meta")
+Nets = tuple[GeneratorModel, DiscriminatorModel]
+Passes = Callable[[GeneratorModel, DiscriminatorModel, int], None]  # (generator, discriminator, rows)
+
+
+def nets(model: str, d_noise: int, width: int) -> Nets:
+    """A preset's generator and discriminator on the meta device (`model`: mlp | dcgan | cgan)."""
+    return build_models(model, d_noise, width, 0.0, META)
+
+
+def _batch(generator: GeneratorModel, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images [rows, 784], z [rows, d_noise] and digit labels [rows], on the meta device."""
+    return (torch.empty(rows, IMAGE_SIZE, device=META), torch.empty(rows, generator.d_noise, device=META),
+            torch.zeros(rows, dtype=torch.long, device=META))
+
+
+def _labels(net: GeneratorModel | DiscriminatorModel, labels: torch.Tensor) -> tuple:
+    """The extra forward argument of a conditional net: the labels; none for an unconditional one."""
+    return (labels,) if net.n_classes else ()
+
+
+# ---------------------------------------------------------------------------------------------
+# The passes of each loop; the losses are replaced by a sum: their backward starts the same chain
+# ---------------------------------------------------------------------------------------------
+
+def project_step(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
+    """One training step of mnist_gan.training.train on a batch of `rows` images."""
+    real, z, labels = _batch(generator, rows)
+    # (1) D step: G forward without grad; one D pass over real and fake together. Neither input
+    # needs a gradient, so D's first layer computes none for its input.
+    with torch.no_grad():
+        fake = generator(z, *_labels(generator, labels))
+    both = torch.cat([labels, labels])
+    discriminator(torch.cat([real, fake]), *_labels(discriminator, both)).sum().backward()
+    # (2) G step: D's weights are frozen (input gradients only); G computes every weight gradient
+    # and every input gradient but z's (a conditional G's first layer also feeds its embedding).
+    discriminator.requires_grad_(False)
+    fake = generator(z, *_labels(generator, labels))
+    discriminator(fake, *_labels(discriminator, labels)).sum().backward()
+    discriminator.requires_grad_(True)
+
+
+def reference_step(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
+    """One training step of the tutorial's loop (benchmarks/reference_loop.run_epoch)."""
+    real, z, labels = _batch(generator, rows)
+    d_args, g_args = _labels(discriminator, labels), _labels(generator, labels)
+    # (1) D step: D on the real batch and on G(z). The fake is not detached, so the backward runs
+    # through G as well (its gradients are thrown away by the G step's zero_grad).
+    (discriminator(real, *d_args).sum() + discriminator(generator(z, *g_args), *d_args).sum()).backward()
+    # (2) G step: D's weights still require grad, so D computes its weight gradients again.
+    discriminator(generator(z, *g_args), *d_args).sum().backward()
+
+
+def evaluation(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
+    """The per-epoch evaluation of both loops: D on `rows` test images, G and D on as many samples."""
+    real, z, labels = _batch(generator, rows)
+    with torch.no_grad():
+        discriminator(real, *_labels(discriminator, labels))
+        discriminator(generator(z, *_labels(generator, labels)), *_labels(discriminator, labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------
+
+def count(passes: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> int:
+    """FLOPs of running `passes` on `rows` rows."""
+    with FlopCounterMode(display=False) as counter:
+        passes(generator, discriminator, rows)
+    return counter.get_total_flops()
+
+
+def epoch_flops(step: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel,
+                n_train: int, n_test: int, batch_size: int) -> int:
+    """FLOPs of one epoch: the training steps over `n_train` images plus the evaluation.
+
+    A last, partial batch counts as a full one: exact where batch_size divides n_train (MNIST's
+    60000 at the default 200)."""
+    steps = -(-n_train // batch_size)
+    return (steps * count(step, generator, discriminator, batch_size)
+            + count(evaluation, generator, discriminator, n_test))
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One matrix product [m, k] @ [k, n]; `*_transposed`: the operand is stored column-major
+    (a transposed view), as nn.Linear's forward passes its weight and its backward the inputs."""
+
+    m: int
+    k: int
+    n: int
+    a_transposed: bool
+    b_transposed: bool
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+
+class _RecordProducts(TorchDispatchMode):
+    """Notes every matrix product (aten.mm, and aten.addmm: a Linear with bias) that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gemms: list[Gemm] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = {torch.ops.aten.mm.default: args[:2], torch.ops.aten.addmm.default: args[1:3]}.get(func)
+        if operands is not None:
+            a, b = operands
+            self.gemms.append(Gemm(a.shape[0], a.shape[1], b.shape[1],
+                                   a.stride(0) < a.stride(1), b.stride(0) < b.stride(1)))
+        return func(*args, **(kwargs or {}))
+
+
+def gemms(passes: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel,
+          rows: int) -> list[Gemm]:
+    """The matrix products of running `passes` on `rows` rows, in order (a conv net's convolutions
+    are not among them): the shapes at which benchmarks/machine.py measures the matmul rate."""
+    with _RecordProducts() as recorder:
+        passes(generator, discriminator, rows)
+    return recorder.gemms
