@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +144,44 @@ def set_conf(repo: Path, **values: Any) -> None:
             config[key] = config[key] | value if isinstance(value, dict) else value
     (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (repo / "params.yaml").write_text(compose(repo))
+
+
+# --- real server processes (mlflow server, mlflow models serve) ---------------------------------------
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound, then closed again)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Poll GET `url` until it answers; fail with the server's log if it exits or times out first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"server exited ({process.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no answer from {url} in {timeout} s:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+
+
+def start_server(cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+                 ) -> subprocess.Popen:
+    """`cmd` in a process group of its own (stop it with stop_server), its output in `log`."""
+    with log.open("a") as out:
+        return subprocess.Popen(cmd, cwd=cwd, env=env or pipeline_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the server's whole process group (its workers too) and wait; SIGKILL after 30 s."""
+    try:
+        os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TRAINED, make_repo, pipeline_env, run, set_conf
+from tests.helpers import TRAINED, free_port, make_repo, pipeline_env, run, set_conf
 
 pytestmark = pytest.mark.slow
 
@@ -175,9 +174,7 @@ def test_evaluate_and_plot_rerun_in_a_store_without_the_training_run(repo, tmp_p
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert evaluation["fid"] == pytest.approx(mirror.data.metrics["eval/fid"], abs=1e-6)
 
-    with socket.socket() as probe:  # a free port, closed again: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     set_conf(repo, eval={"n_samples": 250})
     failed = subprocess.run(["dvc", "repro"], cwd=repo, env=pipeline_env() | {"MLFLOW_TRACKING_URI": closed},
                             capture_output=True, text=True, check=False)

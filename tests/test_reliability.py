@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from mnist_gan import paths, training
 from mnist_gan.data import RAW_FILES
 from mnist_gan.files import read_json
-from tests.helpers import make_repo, pipeline_env, run, set_params
+from tests.helpers import free_port, make_repo, pipeline_env, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -290,9 +289,7 @@ def test_typo_in_a_param_fails_before_any_work_naming_it(baseline):
 
 def test_unreachable_tracking_server_fails_in_seconds_naming_it(baseline):
     before = snapshot(baseline)
-    with socket.socket() as s:  # a free port, closed again: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     try:
         # the stage alone: it fails before loading data or training, and touches nothing
         out, seconds = run_failing([sys.executable, "stages/train.py"], baseline,

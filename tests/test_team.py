@@ -8,13 +8,9 @@ for .venv (`make -o .venv/bin/.installed` skips creating one in the temporary re
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +20,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_gan.store import EXPERIMENT
-from tests.helpers import REPO, make_repo, pipeline_env, run
+from tests.helpers import (
+    REPO,
+    free_port,
+    make_repo,
+    pipeline_env,
+    run,
+    start_server,
+    stop_server,
+    wait_until_up,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -124,33 +129,15 @@ def test_sweep_runs_queued_experiments_in_parallel_into_the_repo_store(repo):
 @pytest.fixture
 def mlflow_server(repo, tmp_path):
     """`make mlflow-server` on a free loopback port; its URL. Stopped (process group) afterwards."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = tmp_path / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([*MAKE, "mlflow-server", f"MLFLOW_PORT={port}"],
-                                  cwd=repo, env=pipeline_env(), stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    server = start_server([*MAKE, "mlflow-server", f"MLFLOW_PORT={port}"], log, cwd=repo)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"mlflow server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"mlflow server not healthy:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
+        wait_until_up(f"{url}/health", server, log)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_server(server)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=2)
 
