@@ -27,6 +27,7 @@ def main() -> None:
     test_images, test_labels = load_labelled(paths.RAW_DIR, train=False, device=device)
 
     with tracking.open_training_run(params, str(device), resume) as tracker:
+        tracker.log_datasets(paths.RAW_DIR)
         result = train(params, train_images, test_images, device, train_labels=train_labels,
                        test_labels=test_labels, tracker=tracker, checkpoint_path=paths.CHECKPOINT,
                        resume=resume)

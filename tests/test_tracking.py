@@ -1,8 +1,10 @@
-"""MLflow tracking on a local SQLite store: failures end runs FAILED, resumed runs hold each epoch once."""
+"""MLflow tracking on a local SQLite store: failures end runs FAILED, resumed runs hold each epoch once,
+training runs carry their datasets and system metrics."""
 
+import hashlib
+import json
 import os
 import signal
-import socket
 import time
 
 import mlflow
@@ -10,10 +12,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from mnist_gan import tracking
+from mnist_gan.data import OFFICIAL_MD5, RAW_FILES
 from mnist_gan.signals import exit_on_stop_signals
-from mnist_gan.store import TrackingError
+from mnist_gan.store import TrackingError, retry_budget_s
 from mnist_gan.tracking import SAMPLES_TAG, open_run, open_stage_run, open_training_run
-from tests.helpers import use_mlflow_store
+from tests.helpers import free_port, use_mlflow_store
 
 METRICS = ("p_real", "p_fake", "loss_d", "loss_g", "seconds")
 
@@ -54,14 +58,8 @@ def logged_steps(client: MlflowClient, run_id: str) -> dict[str, list[int] | int
     return steps
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_in_seconds_naming_it(monkeypatch):
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"), open_run():
@@ -157,3 +155,59 @@ def test_stage_run_for_a_training_run_the_store_lacks_is_one_new_tagged_run(clie
     assert run.data.tags["training_run_id"] == missing and run.data.tags["dvc_exp_name"] == "pulled-exp"
     assert run.data.metrics == {"eval/fid": 4.0, "plot/classes": 10.0}
     assert run.data.params["lr"] == str(tiny_params.lr)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def test_a_training_run_records_the_train_and_test_sets_by_the_md5s_of_their_files(client, tiny_params,
+                                                                                    synthetic_raw):
+    with open_training_run(tiny_params, "cpu", None) as tracker:
+        tracker.log_datasets(synthetic_raw)
+        tracker.log_datasets(synthetic_raw)  # as a resumed run does: MLflow keeps each once
+    inputs = {i.dataset.name: i for i in client.get_run(tracker.run_id).inputs.dataset_inputs}
+    assert len(client.get_run(tracker.run_id).inputs.dataset_inputs) == 2
+    files = {name: md5((synthetic_raw / name).read_bytes()) for name in RAW_FILES}
+    for name, context, (images, labels) in (("mnist-train", "training", RAW_FILES[:2]),
+                                            ("mnist-test", "evaluation", RAW_FILES[2:])):
+        dataset = inputs[name].dataset
+        assert dataset.digest == md5(f"{files[images]} {files[labels]}".encode())
+        # synthetic data, not the official files: named by the folder it was read from
+        assert json.loads(dataset.source) == {"uri": synthetic_raw.resolve().as_uri()}
+        tags = {tag.key: tag.value for tag in inputs[name].tags}
+        assert tags == {"mlflow.data.context": context, images: files[images], labels: files[labels]}
+
+
+def test_the_official_files_are_named_by_mnists_home(client, tiny_params, synthetic_raw, monkeypatch):
+    monkeypatch.setattr(tracking, "file_md5s", lambda raw_dir: dict(OFFICIAL_MD5))  # 55 MB not needed
+    with open_training_run(tiny_params, "cpu", None) as tracker:
+        tracker.log_datasets(synthetic_raw)
+    (train,) = [i.dataset for i in client.get_run(tracker.run_id).inputs.dataset_inputs
+                if i.dataset.name == "mnist-train"]
+    assert json.loads(train.source) == {"url": "https://yann.lecun.com/exdb/mnist/"}
+    assert train.digest == md5(b"6bbc9ace898e44ae57da46a324031adb a25bea736e30d166cdddb491f175f624")
+
+
+def test_a_training_run_samples_cpu_and_memory(client, tiny_params, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    wanted = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    with open_training_run(tiny_params, "cpu", None) as tracker:
+        deadline = time.monotonic() + 30
+        while not wanted <= set(client.get_run(tracker.run_id).data.metrics):
+            assert time.monotonic() < deadline, client.get_run(tracker.run_id).data.metrics
+            time.sleep(0.2)
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert 0 < metrics["system/system_memory_usage_megabytes"] < 1e7
+    # the other stages' runs only add to the training run: no second sampler
+    with open_stage_run(tracker.run_id, tiny_params, "cpu") as stage:
+        assert stage.run_id == tracker.run_id and not mlflow.tracking.fluent.run_id_to_system_metrics_monitor
+
+
+def test_the_retry_budget_is_urllib3s_backoff_summed(monkeypatch):
+    assert retry_budget_s() == 4 + 8 + 16 + 32 + 64 + 120  # MLflow's defaults: 7 retries, factor 2
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    assert retry_budget_s() == 2 + 4

@@ -237,6 +237,11 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_md5s(raw_dir: str | Path) -> dict[str, str]:
+    """The MD5 of each of the four IDX files in `raw_dir`, by name, in RAW_FILES' order."""
+    return {name: _md5(Path(raw_dir) / name) for name in RAW_FILES}
+
+
 def _check(out_dir: Path, where: dict[str, str], verify: bool) -> None:
     """Validate and verify the files a source wrote to `out_dir`; `where` names them in errors.
 

@@ -6,16 +6,25 @@ Everything before a run is opened; the runs themselves are tracking.py's.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import os
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.tracking import MlflowClient
+from urllib3.util import Retry
 
 from mnist_gan.errors import UserError
 
@@ -43,14 +52,23 @@ def tracking_uri() -> str:
 def check_reachable(uri: str) -> None:
     """Fail fast, naming the URI, if the tracking store cannot be reached.
 
-    One plain request with a 5 s timeout: MLflow's own client would retry with backoff
+    Plain requests with a 5 s timeout: MLflow's own client would retry with backoff
     for minutes before giving up.
     """
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-                response.read()
+            # /health needs no login: one authenticated read too, so a wrong password fails here,
+            # not at the run's first write after training
+            for request in (uri.rstrip("/") + "/health", _login_probe(uri)):
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
         except (urllib.error.URLError, OSError) as err:
+            if getattr(err, "code", None) == 401:
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+                login = f"the login of user {user!r}" if user else "requests without a login"
+                raise TrackingError(
+                    f"MLflow tracking server {uri} refused {login} (HTTP 401): set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it") from None
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({err}); start it (`make mlflow-server`), "
                 "or unset MLFLOW_TRACKING_URI to use the local store (mlflow.db)") from None
@@ -58,6 +76,17 @@ def check_reachable(uri: str) -> None:
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
+
+
+def _login_probe(uri: str) -> urllib.request.Request:
+    """A search of one experiment, with the Basic login that MLflow's client sends when
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are set."""
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(login).decode())
+    return request
 
 
 def prepare_store(uri: str) -> None:
@@ -104,3 +133,45 @@ def experiment_id() -> str:
     except mlflow.exceptions.MlflowException:
         # a concurrent run created it first
         return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def server_answers(uri: str) -> bool:
+    """Whether the tracking server at `uri` answers its /health now (within 5 s); True for a database."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            response.read()
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def retry_budget_s() -> float:
+    """How long MLflow's client keeps retrying one request to a server that is down, in seconds.
+
+    Each request goes through urllib3's Retry with MLFLOW_HTTP_REQUEST_MAX_RETRIES tries after the
+    first (default 7), sleeping BACKOFF_FACTOR * 2**(k-1) s (default factor 2, at most 120 s) after
+    the k-th failure for k >= 2: 4 + 8 + 16 + 32 + 64 + 120 = 244 s by default, plus up to
+    BACKOFF_JITTER (1 s) per sleep. An outage shorter than that costs a run nothing but the wait.
+    """
+    factor, retries = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get(), MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+    return sum(min(Retry.DEFAULT_BACKOFF_MAX, factor * 2 ** (k - 1)) for k in range(2, retries + 1))
+
+
+@contextmanager
+def without_retries() -> Iterator[None]:
+    """Inside the block MLflow's client tries each request once, for at most 5 s: for the last
+    words to a server known to be down, which would otherwise take another retry budget."""
+    saved = {var.name: os.environ.get(var.name) for var in (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+                                                            MLFLOW_HTTP_REQUEST_TIMEOUT)}
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
+    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = "5"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value

@@ -9,9 +9,12 @@ runs live in is store.py's.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +26,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from mnist_gan import store
+from mnist_gan.data import OFFICIAL_MD5, RAW_FILES, file_md5s
 from mnist_gan.params import Params
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 TRAINING_RUN_TAG = "training_run_id"  # on a run that evaluate/plot logged for a training run it lacks
 # the last epoch whose fixed-noise grid the run holds (MLflow lists logged images only as files)
 SAMPLES_TAG = "samples_logged_through_epoch"
+MNIST_HOME = "https://yann.lecun.com/exdb/mnist/"  # the source named for files with the official MD5s
 
 
 def _run_exists(run_id: str) -> bool:
@@ -46,28 +51,50 @@ def _git_commit() -> str:
 
 
 @contextmanager
-def open_run(run_id: str | None = None, *, params: Params | None = None,
-             device: str | None = None, tags: dict[str, str] | None = None) -> Iterator[MlflowTracker]:
-    """Start a new run (logging params, `tags` and the project's own) or reopen `run_id`.
+def open_run(run_id: str | None = None, *, params: Params | None = None, device: str | None = None,
+             tags: dict[str, str] | None = None, system_metrics: bool = False) -> Iterator[MlflowTracker]:
+    """Start a new run (logging params, `tags` and the project's own) or reopen `run_id`;
+    `system_metrics` samples CPU, memory (and GPU) into it while it is open.
 
     The run ends FINISHED on success and FAILED, with the reason as a tag, when the block
     raises, so no run is left RUNNING by an error (nor, in a stage, by SIGTERM: see signals.py).
+    A tracking server that stopped answering, beyond MLflow's own retries, is a TrackingError
+    instead, and the run is left open for the rerun to resume.
     """
     uri = store.connect()
     if run_id is None:
         tags = {"git_commit": _git_commit(), "device": device or "unknown", **(tags or {})}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        run = mlflow.start_run(experiment_id=store.experiment_id(), run_name=os.environ.get("DVC_EXP_NAME"),
-                               tags=tags)
+        try:
+            run = mlflow.start_run(experiment_id=store.experiment_id(),
+                                   run_name=os.environ.get("DVC_EXP_NAME"), tags=tags,
+                                   log_system_metrics=system_metrics)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code != "PERMISSION_DENIED":  # a server with logins: the user lacks EDIT
+                raise
+            raise store.TrackingError(
+                f"MLflow user {os.environ.get('MLFLOW_TRACKING_USERNAME')!r} may not start runs in "
+                f"experiment {store.EXPERIMENT} on {uri}: ask its admin for EDIT on it (docs/team.md)"
+            ) from None
         if params is not None:
             mlflow.log_params(params.flat())
     else:
         if not _run_exists(run_id):
             raise store.TrackingError(f"MLflow run {run_id} is not in {uri}")
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
     try:
         yield MlflowTracker(run.info.run_id, reopened=run_id is not None)
+    except Exception as err:
+        if store.server_answers(uri):
+            _end_failed(run.info.run_id, err)
+            raise
+        _let_go()
+        raise store.TrackingError(
+            f"MLflow tracking server {uri} stopped answering during run {run.info.run_id} and was not "
+            f"back within MLflow's retries (about {store.retry_budget_s():.0f} s: "
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); once it is back, "
+            "`dvc repro` resumes this run, the train stage from its last checkpoint") from err
     except BaseException as err:
         _end_failed(run.info.run_id, err)
         raise
@@ -101,6 +128,14 @@ def open_stage_run(training_run_id: str, params: Params, device: str) -> Iterato
         yield tracker
 
 
+def _let_go() -> None:
+    """End the active run here without waiting on a server that is down: one quick try to mark it
+    FAILED (a resume finishes it either way). Left active, MLflow's exit handler would end it with
+    the full retry budget."""
+    with store.without_retries(), contextlib.suppress(Exception):
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+
+
 def _end_failed(run_id: str, err: BaseException) -> None:
     reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     try:
@@ -128,7 +163,7 @@ def open_training_run(params: Params, device: str, resume: dict[str, Any] | None
             log.warning("MLflow run %s of the checkpoint is not in %s: logging the resumed training, "
                         "epochs 1-%d included, to a new run", run_id, uri, resume["epoch"])
             run_id = None
-    with open_run(run_id, params=params, device=device) as tracker:
+    with open_run(run_id, params=params, device=device, system_metrics=True) as tracker:
         if resume:
             mlflow.set_tag("resumed_after_epoch", resume["epoch"])
             if resume["run_id"] != tracker.run_id:
@@ -188,6 +223,34 @@ class MlflowTracker:
             # after the image: a process killed in between logs this grid again on resume, never loses it
             mlflow.set_tag(SAMPLES_TAG, epoch)
             self._samples_through = epoch
+
+    def log_datasets(self, raw_dir: Path) -> None:
+        """The MNIST train and test sets as the run's inputs (the UI's Dataset column): named, with
+        their source, and as digest the MD5 of their two files' MD5s (each file's MD5 in the tags).
+
+        Official files are named by MNIST's home whichever mirror or package they came from (their
+        MD5s say they are those files); other data (data.verify: false) by the folder it was read
+        from. MLflow records a dataset once per run: a resumed run logging them again adds nothing.
+        """
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        md5s = file_md5s(raw_dir)
+        origin = MNIST_HOME if md5s == OFFICIAL_MD5 else Path(raw_dir).resolve().as_uri()
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source for two schemes ("" and "file"), then warns
+            # that a file URI is ambiguous between the two: the same class either way
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            dataset_source = resolve_dataset_source(origin)
+        datasets, contexts, tags = [], [], []
+        splits = (("train", "training", RAW_FILES[:2]), ("test", "evaluation", RAW_FILES[2:]))
+        for split, context, names in splits:
+            digest = hashlib.md5(" ".join(md5s[name] for name in names).encode(), usedforsecurity=False)
+            datasets.append(MetaDataset(dataset_source, name=f"mnist-{split}",
+                                        digest=digest.hexdigest()))
+            contexts.append(context)
+            tags.append({name: md5s[name] for name in names})
+        mlflow.log_inputs(datasets, contexts, tags)
 
     def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
         mlflow.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()
