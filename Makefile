@@ -66,6 +66,27 @@ sweep: venv  ## queued grid, JOBS at a time: SWEEP='lr=0.0001,0.0004 seed=0,1' o
 metrics-diff: venv  ## dvc metrics/params diff against git REV as Markdown; fails if ci.metric regressed
 	python -m mnist_gan metrics-diff --rev $(REV)
 
+# The team's server: PostgreSQL and `mlflow server --app-name basic-auth`, both kept in TEAM_DIR
+# (cluster, artifacts, logs, pid files, secrets); docs/team.md. Debian's PostgreSQL, installed if missing.
+# Optional: TEAM_ALLOWED_HOSTS (Host names clients use, when TEAM_HOST=0.0.0.0 exposes it),
+# TEAM_ARTIFACTS (an object store, e.g. s3://bucket/mlflow, instead of TEAM_DIR/artifacts).
+TEAM_DIR ?= $(CURDIR)/team-server
+TEAM_HOST ?= 127.0.0.1
+TEAM_PORT ?= 5000
+TEAM_PG_PORT ?= 5433
+POSTGRES_INSTALLED = ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+
+.PHONY: team-server team-server-stop
+
+team-server: venv  ## MLflow server with logins on PostgreSQL, in TEAM_DIR (team-server/), on TEAM_HOST:TEAM_PORT
+	@$(POSTGRES_INSTALLED) || (apt-get update && apt-get install -y postgresql)
+	python -m mnist_gan team-server start --dir '$(TEAM_DIR)' --host '$(TEAM_HOST)' --port '$(TEAM_PORT)' \
+		--pg-port '$(TEAM_PG_PORT)' $(if $(TEAM_ALLOWED_HOSTS),--allowed-hosts '$(TEAM_ALLOWED_HOSTS)') \
+		$(if $(TEAM_ARTIFACTS),--artifacts-destination '$(TEAM_ARTIFACTS)')
+
+team-server-stop: venv  ## stop the team server and its PostgreSQL (TEAM_DIR)
+	python -m mnist_gan team-server stop --dir '$(TEAM_DIR)'
+
 # the server keeps everything in mlflow-server/: runs in mlflow.db, files in mlartifacts/ (both git-ignored)
 mlflow-server: venv  ## MLflow tracking server on 127.0.0.1:5000, stored in mlflow-server/
 	mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \

@@ -65,7 +65,7 @@ def main() -> int:
                 counts["survived"] += 1
                 survivors.append(f"{name} ({status}): {changed_lines(name, path)}")
         judged = counts["killed"] + counts["survived"]
-        score = counts["killed"] / judged if judged else 1.0
+        score = counts["killed"] / judged if judged else None  # nothing judged yet: no score
         rows.append((path.stem, sum(counts.values()), counts["killed"], counts["survived"],
                      counts["equivalent"], counts["not checked"], score))
     if not rows:
@@ -76,11 +76,12 @@ def main() -> int:
     print(f"{'module':<14}{'mutants':>8}{'killed':>8}{'survived':>10}{'equivalent':>12}{'unchecked':>11}"
           f"{'score':>8}")
     for module, total, killed, survived, same, unchecked, score in rows:
-        print(f"{module:<14}{total:>8}{killed:>8}{survived:>10}{same:>12}{unchecked:>11}{score:>8.1%}")
+        shown = "n/a" if score is None else f"{score:.1%}"
+        print(f"{module:<14}{total:>8}{killed:>8}{survived:>10}{same:>12}{unchecked:>11}{shown:>8}")
     for title, lines in (("surviving mutants", survivors), ("list of equivalent mutants", stale)):
         if lines:
             print(f"\n{title}:", *lines, sep="\n  ")
-    below = [module for module, *_, score in rows if score < TARGET]
+    below = [module for module, *_, score in rows if score is not None and score < TARGET]
     if below:
         print(f"\nbelow the {TARGET:.0%} target: {', '.join(below)}")
     unchecked = sum(row[5] for row in rows)

@@ -175,8 +175,8 @@ def test_bf16_autocast_runs_in_bf16_fused_where_onednn_has_it_else_as_the_plain_
         assert torch.equal(got, plain)
 
 
-def test_generator_exports_for_mlflow_pt2_format(tmp_path):
-    # MLflow 3 logs PyTorch models with torch.export; the oneDNN path must not end up in the graph
+def test_generator_exports_with_torch_export(tmp_path):
+    # torch.export traces the plain modules: the oneDNN path must not end up in the graph
     generator = Generator().eval()
     exported = torch.export.export(generator, (torch.zeros(2, 100),))
     torch.export.save(exported, tmp_path / "generator.pt2")

@@ -40,13 +40,10 @@ def metrics_diff_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from mnist_gan.generate import check_output, generate, resolve_generator, write_samples
+    from mnist_gan.generate import check_output, generate, resolve_generator, sampling_device, write_samples
 
     check_output(args.out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = generate(resolve_generator(args.model, device), args.n, args.seed, args.digit)
+    images = generate(resolve_generator(args.model, sampling_device()), args.n, args.seed, args.digit)
     write_samples(images, args.out)
     what = "random digits" if args.digit is None else f"digit {args.digit}"
     print(f"wrote {args.out}: {args.n} samples ({what}, seed {args.seed}) of {args.model}")
@@ -67,6 +64,23 @@ def compose_command(args: argparse.Namespace) -> int:
     from mnist_gan.composition import sync
 
     print(sync(Path.cwd()))
+    return 0
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def team_server_command(args: argparse.Namespace) -> int:
+    from mnist_gan import team_server
+
+    if args.action == "start":
+        print(team_server.start(args.dir, args.host, args.port, args.pg_port, args.allowed_hosts,
+                                args.artifacts_destination))
+    else:
+        print(team_server.stop(args.dir))
     return 0
 
 
@@ -131,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "does, so that `dvc repro` runs the same params. Refuses (exit 2) when params.yaml "
                     "holds uncommitted edits that composing would throw away.")
     comp.set_defaults(run=compose_command)
+
+    team = commands.add_parser(
+        "team-server", help="start or stop the team's MLflow server with logins on PostgreSQL",
+        description="Start (or stop) a PostgreSQL cluster and `mlflow server --app-name basic-auth` on it, "
+                    "everything kept in one folder; starting a running server only says so. docs/team.md")
+    team.add_argument("action", choices=["start", "stop"])
+    team.add_argument("--dir", type=Path, default=Path("team-server"),
+                      help="the folder of the cluster, artifacts, logs and secrets (default: team-server)")
+    team.add_argument("--host", default="127.0.0.1",
+                      help="the interface mlflow server listens on (default: 127.0.0.1, loopback only)")
+    team.add_argument("--port", type=_port, default=5000,
+                      help="mlflow server's port (default: 5000)")
+    team.add_argument("--pg-port", type=_port, default=5433,
+                      help="PostgreSQL's port, on 127.0.0.1 (default: 5433)")
+    team.add_argument("--allowed-hosts",
+                      help="Host headers mlflow server accepts besides localhost and private IPs, "
+                           "e.g. mlflow.internal:5000 (mlflow server --allowed-hosts)")
+    team.add_argument("--artifacts-destination", metavar="URI",
+                      help="where the server stores artifacts, e.g. s3://bucket/mlflow (needs boto3 and "
+                           "the server's credentials; default: DIR/artifacts)")
+    team.set_defaults(run=team_server_command)
     return parser
 
 

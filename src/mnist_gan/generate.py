@@ -2,9 +2,11 @@
 
 The generator comes from a local file written by the train stage, from an MLflow
 run (`runs:/<run id>`, its logged model "generator") or from the Model Registry
-(`models:/mnist-gan@champion`). Logged models carry the train stage's file in
-their extra_files, so every source is rebuilt by the same `load_model`, with the
-generator's metadata (noise size, whether it is conditional).
+(`models:/mnist-gan@champion`). Logged models carry the train stage's file as
+their artifact, so every source is rebuilt by the same `load_model`, with the
+generator's metadata (noise size, whether it is conditional). The served model
+(served_model.py) samples through `generate` and `to_pixels` too, so a seed gives
+the same images here and over HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mnist_gan.files import atomic_path
 from mnist_gan.models import GeneratorModel, load_model
 from mnist_gan.training import latents, sample
 
-GENERATOR_FILE = "generator.pt"  # the train stage's file, as MLflow keeps it in extra_files/
+GENERATOR_FILE = "generator.pt"  # the train stage's file, as the logged model keeps it in artifacts/
 URI_SCHEMES = ("runs:/", "models:/")
 
 
@@ -54,11 +56,18 @@ def resolve_generator(source: str, device: torch.device) -> GeneratorModel:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         except Exception as err:  # MLflow raises its own and OSError subclasses for a missing run/model
             raise GenerateError(f"cannot download {uri} from {mlflow.get_tracking_uri()}: {err}") from err
-        path = Path(local) / "extra_files" / GENERATOR_FILE
+        path = Path(local) / "artifacts" / GENERATOR_FILE
         if not path.is_file():
             raise GenerateError(f"{uri} is not a generator logged by this project's train stage "
-                                f"(no extra_files/{GENERATOR_FILE})")
+                                f"(no artifacts/{GENERATOR_FILE}); a run logged before the served "
+                                "model format needs its train stage run again")
         return _load_generator(path, device, source)
+
+
+def sampling_device() -> torch.device:
+    """Where generate and the served model sample: the GPU when there is one. A seed gives the same
+    images on the same kind of device only (the CPU and CUDA draw different noise)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_generator(path: Path, device: torch.device, source: str) -> GeneratorModel:
@@ -71,7 +80,7 @@ def _load_generator(path: Path, device: torch.device, source: str) -> GeneratorM
 def generate(generator: GeneratorModel, n: int, seed: int, digit: int | None = None) -> torch.Tensor:
     """n images [n, 784] in [-1, 1]; the same generator and seed give the same images."""
     if n < 1:
-        raise GenerateError(f"--n must be >= 1, got {n}")
+        raise GenerateError(f"n, the number of images, must be >= 1; got {n}")
     device = next(generator.parameters()).device
     rng = torch.Generator(device).manual_seed(seed)
     try:
@@ -87,14 +96,18 @@ def check_output(out: Path) -> None:
         raise GenerateError(f"{out}: the output must end in .png (a grid) or .npy (an array)")
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images [n, 784] in [-1, 1] as MNIST stores them: uint8 [n, 28, 28] on the CPU."""
+    return ((images.cpu().view(-1, 28, 28) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def write_samples(images: torch.Tensor, out: Path) -> None:
-    """A .png grid (about square) or a .npy uint8 array [n, 28, 28] (MNIST's pixel format)."""
+    """A .png grid (about square) or a .npy uint8 array [n, 28, 28] (to_pixels)."""
     check_output(out)
-    pixels = ((images.cpu().view(-1, 28, 28) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         with atomic_path(out) as tmp, open(tmp, "wb") as f:
-            np.save(f, pixels.numpy())
+            np.save(f, to_pixels(images).numpy())
     else:
         from PIL import Image  # comes with matplotlib and torchvision
 

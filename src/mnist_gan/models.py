@@ -36,7 +36,7 @@ CONDITIONAL = ("cgan",)  # the presets whose nets take the digit's label
 # - dropout runs in place on that output, in a kernel of our own (mnist_gan.cpu_dropout).
 # No public API does these for training (torch.compile did not beat eager on CPU), hence this
 # small autograd Function, used for eager CPU batches in fp32 or under bf16 autocast. Elsewhere
-# (CUDA, torch.export for MLflow's pt2 format, or no C++ compiler for the dropout kernel) the
+# (CUDA, torch.compile and torch.export, or no C++ compiler for the dropout kernel) the
 # same modules run as a plain nn.Sequential.
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 # oneDNN has bf16 inner products only on CPUs with AVX-512 (BF16 or not) or AMX; elsewhere, such as

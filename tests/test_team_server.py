@@ -1,0 +1,299 @@
+"""The team's server, end to end with real processes: `make team-server` starts a PostgreSQL
+cluster of its own and `mlflow server --app-name basic-auth` on it; queued experiments and
+concurrent writers log to it with logins; wrong logins and missing permissions fail in one line.
+
+One throwaway server for the module, in a temporary TEAM_DIR on free loopback ports, stopped with
+`make team-server-stop` afterwards. The make targets run as users run them, with this
+interpreter's environment standing in for .venv (`make -o .venv/bin/.installed`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.server import get_app_client
+from mlflow.tracking import MlflowClient
+
+from mnist_gan import store
+from mnist_gan.store import EXPERIMENT
+from mnist_gan.team_server import Folder, postgres_bin
+from tests.helpers import REPO, free_port, make_repo, pipeline_env, run
+
+pytestmark = pytest.mark.slow
+
+MAKE = ["make", "-s", "-o", ".venv/bin/.installed"]
+LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+EPOCH_METRICS = ("p_real", "p_fake", "loss_d", "loss_g")  # logged once per epoch by the train stage
+EDITOR, READER = ("alice", "alice-password-1"), ("bob", "bob-password-12")
+
+
+@dataclass
+class TeamServer:
+    url: str
+    folder: Folder
+    pg_port: int
+    make_vars: list[str]
+    experiment_id: str
+
+    @property
+    def admin(self) -> tuple[str, str]:
+        return "admin", self.folder.admin_password.read_text().strip()
+
+
+def make(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([*MAKE, *args], cwd=REPO, env=pipeline_env(), capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    if check:
+        assert result.returncode == 0, f"make {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def login_env(url: str, user: tuple[str, str]) -> dict[str, str]:
+    return pipeline_env() | {"MLFLOW_TRACKING_URI": url, **dict(zip(LOGIN, user, strict=True))}
+
+
+def log_in(monkeypatch: pytest.MonkeyPatch, url: str, user: tuple[str, str]) -> MlflowClient:
+    """This process's MLflow client (and the project's store) as `user` on `url`."""
+    for name, value in zip(LOGIN, user, strict=True):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    return MlflowClient(url)
+
+
+def psql(server: TeamServer, database: str, query: str) -> str:
+    """A query through PostgreSQL's own client, logged in as the server is (its pgpass)."""
+    return run([str(postgres_bin(server.folder) / "psql"), "-h", "127.0.0.1", "-p", str(server.pg_port),
+                "-U", "mlflow", "-d", database, "-tAc", query], REPO,
+               pipeline_env() | {"PGPASSFILE": str(server.folder.pgpass)}).strip()
+
+
+def running_pids(folder: Folder) -> list[int]:
+    """The pids of the folder's mlflow server and PostgreSQL postmaster (from their pid files)."""
+    files = [folder.mlflow_pid, folder.cluster / "postmaster.pid"]
+    return [int(f.read_text().split()[0]) for f in files if f.exists()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def team_server(tmp_path_factory):
+    """`make team-server` in a fresh TEAM_DIR on free ports; users alice (EDIT on the experiment)
+    and bob (READ) created by the admin as docs/team.md does. Stopped afterwards, both processes."""
+    # the postgres user must reach the cluster: pytest's tmp dirs (/tmp/pytest-of-root) are 0700
+    root = Path(tempfile.mkdtemp(prefix="team-server-"))
+    root.chmod(0o755)
+    folder = Folder(root / "team")
+    port, pg_port = free_port(), free_port()
+    make_vars = [f"TEAM_DIR={folder.root}", f"TEAM_PORT={port}", f"TEAM_PG_PORT={pg_port}"]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = make("team-server", *make_vars, timeout=240).stdout
+        assert f"team server: {url}" in started and str(folder.admin_password) in started, started
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            log_in(monkeypatch, url, ("admin", folder.admin_password.read_text().strip()))
+            experiment_id = MlflowClient(url).get_experiment_by_name(EXPERIMENT).experiment_id
+            auth = get_app_client("basic-auth", tracking_uri=url)
+            for (name, password), permission in ((EDITOR, "EDIT"), (READER, "READ")):
+                auth.create_user(name, password)
+                auth.grant_user_permission(name, "experiment", experiment_id, permission)
+        yield TeamServer(url, folder, pg_port, make_vars, experiment_id)
+    finally:
+        pids = running_pids(folder)
+        stopped = make("team-server-stop", *make_vars, check=False)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        still = [pid for pid in pids if alive(pid)]
+        shutil.rmtree(root, ignore_errors=True)
+    assert stopped.returncode == 0 and "stopped mlflow server" in stopped.stdout, stopped.stderr
+    assert len(pids) == 2 and not still, f"still running: {still}"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The project on tiny params and synthetic MNIST, reproduced once into its local store and
+    committed, so that queued experiments re-run only train -> evaluate -> plot."""
+    repo = make_repo(tmp_path_factory.mktemp("team-server-repo"))
+    run(["dvc", "repro"], repo, pipeline_env())
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
+    return repo
+
+
+def test_server_runs_on_postgresql_with_its_secrets_private(team_server):
+    again = make("team-server", *team_server.make_vars).stdout
+    assert f"team server already running: {team_server.url}" in again
+    # the tracking server's experiment and the auth app's users are rows of the cluster's databases
+    location = psql(team_server, "mlflow", f"SELECT artifact_location FROM experiments "
+                                           f"WHERE name = '{EXPERIMENT}'")
+    assert location == f"mlflow-artifacts:/{team_server.experiment_id}"  # artifacts go through the server
+    assert psql(team_server, "mlflow_auth", "SELECT username, is_admin FROM users ORDER BY id").split() == \
+        ["admin|t", "alice|f", "bob|f"]
+    for secret in ("pgpass", "secret_key", "admin_password"):
+        assert getattr(team_server.folder, secret).stat().st_mode & 0o777 == 0o600, secret
+    # no password on a command line: the server logs in to PostgreSQL through PGPASSFILE
+    command = Path(f"/proc/{running_pids(team_server.folder)[0]}/cmdline").read_bytes().split(b"\0")
+    assert f"postgresql+psycopg2://mlflow@127.0.0.1:{team_server.pg_port}/mlflow".encode() in command
+
+
+def test_a_port_in_use_or_a_closed_folder_is_one_line(team_server, tmp_path):
+    fresh = tempfile.mkdtemp(prefix="team-server-")  # removed below: nothing may be started in it
+    try:
+        busy = make("team-server", f"TEAM_DIR={fresh}/team", f"TEAM_PORT={team_server.url.rsplit(':', 1)[1]}",
+                    check=False)
+        assert busy.returncode != 0 and not Path(fresh, "team").exists()
+        (line,) = [ln for ln in busy.stderr.splitlines() if ln.startswith("mnist-gan")]
+        assert "cannot listen on 127.0.0.1:" in line and "TEAM_PORT=" in line
+    finally:
+        shutil.rmtree(fresh)
+    if os.geteuid() == 0:  # tmp_path is 0700: the postgres user cannot reach a folder in it
+        closed = make("team-server", f"TEAM_DIR={tmp_path / 'team'}", f"TEAM_PORT={free_port()}",
+                      f"TEAM_PG_PORT={free_port()}", check=False)
+        assert closed.returncode != 0 and "Traceback" not in closed.stderr
+        assert "the postgres user" in closed.stderr and "set TEAM_DIR" in closed.stderr
+
+
+def test_four_queued_experiments_log_every_epoch_once_with_artifacts_and_model(team_server, repo,
+                                                                                 monkeypatch):
+    env = login_env(team_server.url, EDITOR) | {"OMP_NUM_THREADS": "1"}  # four workers on few cores
+    run(["dvc", "exp", "run", "--queue", "-S", "seed=11,12,13,14"], repo, env)
+    run(["dvc", "queue", "start", "-j", "4"], repo, env)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], repo, env)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, f"queue not done in 600 s:\n{status}"
+        time.sleep(5)
+    assert status.count("Success") == 4, status
+
+    client = log_in(monkeypatch, team_server.url, EDITOR)
+    runs = client.search_runs([team_server.experiment_id], filter_string="tags.dvc_exp_name != ''")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.data.params["seed"] for r in runs) == ["11", "12", "13", "14"]
+    for served in runs:
+        run_id = served.info.run_id
+        for key in EPOCH_METRICS:
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], (run_id, key)
+        assert "eval/fid" in served.data.metrics  # evaluate logged into the same run
+        assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/d_scores.png",
+                                                                            "plots/samples.png"}
+        samples = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+        # the grid of each epoch: images/samples+step+<epoch>+timestamp+...png
+        assert sorted(p.split("+step+")[1].split("+")[0] for p in samples) == ["1", "2"], samples
+        (model,) = client.search_logged_models([team_server.experiment_id],
+                                               filter_string=f"source_run_id = '{run_id}'")
+        assert model.name == "generator"
+    # through the server into TEAM_DIR/artifacts: the clients never saw the storage
+    assert len(list(team_server.folder.artifacts.rglob("d_scores.png"))) == 4
+
+
+WRITER = """
+import sys, time
+from mlflow.tracking import MlflowClient
+writer, start_at, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+client = MlflowClient()
+run_id = client.create_run(sys.argv[4], run_name=f"stress-{writer}").info.run_id
+ready = time.time() < start_at
+time.sleep(max(0.0, start_at - time.time()))
+step = 0
+while time.time() < start_at + seconds:
+    client.log_metric(run_id, "value", writer * 1000 + step * 0.5, step=step)
+    step += 1
+client.set_terminated(run_id)
+print("logged", run_id, step, ready)  # MLflow's client prints lines of its own
+"""
+
+
+def test_eight_concurrent_writers_lose_no_point(team_server, monkeypatch):
+    writers, seconds = 8, 15
+    start_at = time.time() + 20  # after all have imported MLflow and opened their runs: all log at once
+    env = login_env(team_server.url, EDITOR)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), str(start_at), str(seconds),
+                               team_server.experiment_id], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in range(writers)]
+    results = [proc.communicate(timeout=180) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * writers, "\n".join(err for _, err in results)
+    client = log_in(monkeypatch, team_server.url, EDITOR)
+    for writer, (out, _) in enumerate(results):
+        ((run_id, logged, ready),) = [line.split()[1:] for line in out.splitlines()
+                                      if line.startswith("logged ")]
+        count = int(logged)
+        assert ready == "True", f"writer {writer} started late: the writers did not overlap"
+        history = sorted(client.get_metric_history(run_id, "value"), key=lambda m: m.step)
+        assert count >= 5  # on a loaded CI machine too
+        assert [(m.step, m.value) for m in history] == [(s, writer * 1000 + s * 0.5) for s in range(count)]
+
+
+def train_stage(repo: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "stages/train.py"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=120, check=False)
+    return result, time.monotonic() - began
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
+    return line
+
+
+def test_a_wrong_password_or_a_reader_fails_in_one_line_before_training(team_server, repo, monkeypatch):
+    client = log_in(monkeypatch, team_server.url, EDITOR)
+    before = len(client.search_runs([team_server.experiment_id]))
+
+    wrong, seconds = train_stage(repo, login_env(team_server.url, (EDITOR[0], "not-the-password")))
+    line = one_error_line(wrong)
+    assert f"{team_server.url} refused the login of user 'alice'" in line
+    assert "MLFLOW_TRACKING_PASSWORD" in line
+    assert seconds < 60 and "epoch" not in wrong.stderr.lower()
+
+    reader, _ = train_stage(repo, login_env(team_server.url, READER))
+    line = one_error_line(reader)
+    assert f"MLflow user 'bob' may not start runs in experiment {EXPERIMENT} on {team_server.url}" in line
+    assert len(client.search_runs([team_server.experiment_id])) == before  # neither left a run
+
+    # the reader reads; the editor writes
+    log_in(monkeypatch, team_server.url, READER)
+    assert MlflowClient().get_experiment(team_server.experiment_id).name == EXPERIMENT
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Permission denied"):
+        MlflowClient().create_run(team_server.experiment_id)
+    log_in(monkeypatch, team_server.url, EDITOR)
+    MlflowClient().set_terminated(MlflowClient().create_run(team_server.experiment_id).info.run_id)
+
+
+def test_the_admin_changes_the_password_and_it_survives_a_restart(team_server, monkeypatch):
+    name, first = team_server.admin
+    new = "a-new-admin-password"
+    log_in(monkeypatch, team_server.url, (name, first))
+    get_app_client("basic-auth", tracking_uri=team_server.url).update_user_password(
+        name, new, current_password=first)
+    log_in(monkeypatch, team_server.url, (name, new))
+    store.check_reachable(team_server.url)
+
+    # MLflow reads the first password only to create the admin: a restart keeps the new one (and
+    # empties the workers' login caches, which may accept the old one for up to 30 s)
+    assert "stopped mlflow server" in make("team-server-stop", *team_server.make_vars).stdout
+    assert f"team server: {team_server.url}" in make("team-server", *team_server.make_vars).stdout
+    store.check_reachable(team_server.url)
+    assert MlflowClient().get_experiment_by_name(EXPERIMENT).experiment_id == team_server.experiment_id
+    log_in(monkeypatch, team_server.url, (name, first))
+    with pytest.raises(store.TrackingError, match="refused the login of user 'admin'"):
+        store.check_reachable(team_server.url)
