@@ -143,3 +143,12 @@ def test_bad_tensors_get_a_clear_error(dropout_kernels):
         dropout_kernels.dropout_(torch.ones(4, 6).t(), 1, 0.1)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         dropout_kernels.dropout_(torch.ones(4, 6, dtype=torch.float64), 1, 0.1)
+
+
+def test_each_torch_installation_gets_a_build_of_its_own(monkeypatch):
+    """Two environments (two .venv) compile against different torch headers: with one build folder
+    they would rebuild it in turn, each load waiting on the other's compiler."""
+    name = cpu_dropout._build_name("source", ["-O3"])
+    assert cpu_dropout._build_name("source", ["-O3"]) == name  # the same everything: the same build
+    monkeypatch.setattr(torch, "__file__", "/another/venv/torch/__init__.py")
+    assert cpu_dropout._build_name("source", ["-O3"]) != name

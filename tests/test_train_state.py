@@ -1,0 +1,72 @@
+"""TrainState.start and the steps against hand-computed values: the optimisers' settings, G's
+exponential average after known steps, the grid's digits, what G's step leaves of D, and bf16
+autocast actually taking effect when asked for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mnist_gan import training
+from mnist_gan.params import load_params
+from tests.helpers import CPU, REPO
+
+
+def params_for(**values):
+    return dataclasses.replace(load_params(REPO / "params.yaml"), device="cpu", width=16, **values)
+
+
+@pytest.mark.parametrize("model, beta1", [("mlp", 0.9), ("cgan", 0.5)])
+def test_both_optimisers_are_fused_adam_with_the_params_lr_and_betas(model, beta1):
+    state = training.TrainState.start(params_for(model=model, beta1=beta1, lr=3e-4), CPU,
+                                      torch.arange(20) % 10)
+    for optimiser in (state.opt_g, state.opt_d):
+        (group,) = optimiser.param_groups
+        assert isinstance(optimiser, torch.optim.Adam)
+        assert (group["lr"], group["betas"], group["fused"]) == (3e-4, (beta1, 0.999), True)
+
+
+def test_g_average_is_the_exponential_moving_average_of_its_weights():
+    """ema = 0.9: the first update copies G, each later one is 0.9 * average + 0.1 * G (an equal
+    running average, AveragedModel's default, would give 1/2, 1/3 ...)."""
+    state = training.TrainState.start(params_for(ema=0.9), CPU, None)
+    weights = []
+    for _ in range(3):
+        training.g_step(state, 8, CPU)
+        weights.append({k: v.detach().clone() for k, v in state.generator.state_dict().items()})
+    w1, w2, w3 = weights
+    expected = {k: 0.9 * (0.9 * w1[k] + 0.1 * w2[k]) + 0.1 * w3[k] for k in w1 if w1[k].is_floating_point()}
+    average = state.ema.module.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(average[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert any(not torch.equal(w1[key], w3[key]) for key in expected)  # G moved: the average is no copy
+
+
+def test_only_a_conditional_model_gets_fixed_digits():
+    assert training.TrainState.start(params_for(model="mlp"), CPU, None).fixed_labels is None
+    labels = training.TrainState.start(params_for(model="cgan"), CPU, torch.arange(20) % 10).fixed_labels
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5]
+
+
+def test_g_step_computes_no_gradients_of_d():
+    state = training.TrainState.start(params_for(), CPU, None)
+    real = torch.rand(8, 784) * 2 - 1
+    training.d_step(state, real, None)
+    d_grads = [p.grad.clone() for p in state.discriminator.parameters()]
+    training.g_step(state, 8, CPU)
+    assert all(torch.equal(p.grad, g) for p, g in zip(state.discriminator.parameters(), d_grads, strict=True))
+    assert all(p.requires_grad for p in state.discriminator.parameters())  # D trains again next step
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_both_steps_run_d_in_the_precision_asked_for(precision, dtype):
+    state = training.TrainState.start(params_for(model="cgan", precision=precision), CPU,
+                                      torch.arange(20) % 10)
+    seen = []
+    first_conv = next(m for m in state.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    training.d_step(state, torch.rand(8, 784) * 2 - 1, torch.arange(8) % 10)
+    training.g_step(state, 8, CPU)
+    assert seen == [dtype, dtype]
