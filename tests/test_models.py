@@ -232,6 +232,8 @@ def test_conv_nets_are_their_docstrings():
         "logit: Linear(in_features=3136, out_features=1, bias=True)",
     ]
     assert _layers(ConvDiscriminator(width=8, n_classes=10))[-1] == "embed: Embedding(10, 784)"
+    # no dropout unless asked for
+    assert [m.p for m in ConvDiscriminator().modules() if isinstance(m, nn.Dropout)] == [0.0, 0.0]
 
 
 def test_projection_discriminator_adds_the_labels_embedding_times_the_features():

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from mnist_gan import training
+from mnist_gan import checkpoint, training
 from mnist_gan.params import load_params
 from tests.helpers import CPU, REPO
 
@@ -48,6 +48,19 @@ def test_only_a_conditional_model_gets_fixed_digits():
     assert training.TrainState.start(params_for(model="mlp"), CPU, None).fixed_labels is None
     labels = training.TrainState.start(params_for(model="cgan"), CPU, torch.arange(20) % 10).fixed_labels
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5]
+
+
+def test_the_label_prior_is_the_training_digits_frequencies_with_zeros_for_absent_ones():
+    labels = torch.tensor([0, 0, 1, 3, 3, 3, 7, 0])  # no 8 and no 9: bincount alone would give 8 bins
+    prior = training.TrainState.start(params_for(model="cgan"), CPU, labels).generator.label_prior
+    assert prior.tolist() == [3 / 8, 1 / 8, 0, 3 / 8, 0, 0, 0, 1 / 8, 0, 0]
+
+
+def test_a_checkpoint_carries_the_run_id_it_was_saved_with(tmp_path):
+    params = params_for()
+    training.TrainState.start(params, CPU, None).save(tmp_path / "ckpt.pt", 1, "run-1234")
+    saved = checkpoint.load(tmp_path / "ckpt.pt", params)
+    assert (saved["epoch"], saved["run_id"]) == (1, "run-1234")
 
 
 def test_g_step_computes_no_gradients_of_d():
