@@ -7,11 +7,21 @@ import dataclasses
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from mnist_gan.classifier import Classifier, train_classifier
 from mnist_gan.params import Params, load_params
 from tests.helpers import CPU, REPO, SYNTHETIC_PARAMS, synthetic_inputs, write_synthetic_mnist
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_behind():
+    """MLflow keeps a URI given to mlflow.set_tracking_uri (as the tests and the stages' code do)
+    for the whole process, ahead of MLFLOW_TRACKING_URI: unset after each test, so that no test
+    talks to a store or server another test set up."""
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")
