@@ -169,7 +169,7 @@ def real_sets():
     return tuple(synthetic_inputs(N, seed)[0] for seed in (10, 11, 12))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test: mutmut credits a module fixture's calls (the generator's) to its first test only
 def untrained_samples():
     torch.manual_seed(0)
     generator = Generator().eval()

@@ -34,7 +34,7 @@ def images():
     return torch.rand(N_TRAIN, 784, generator=gen) * 2 - 1, torch.rand(N_TEST, 784, generator=gen) * 2 - 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # per test, not per module: mutmut credits a module fixture's calls to its first test only
 def recorded(images):
     """One short training run with every call of the nets and losses recorded, in order."""
     params = dataclasses.replace(load_params(REPO / "params.yaml"), epochs=EPOCHS, batch_size=BATCH,
