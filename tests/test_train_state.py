@@ -83,3 +83,42 @@ def test_both_steps_run_d_in_the_precision_asked_for(precision, dtype):
     training.d_step(state, torch.rand(8, 784) * 2 - 1, torch.arange(8) % 10)
     training.g_step(state, 8, CPU)
     assert seen == [dtype, dtype]
+
+
+class RecordingTracker:
+    run_id = "run-42"
+
+    def __init__(self):
+        self.epochs, self.grids = [], []
+
+    def log_epoch(self, record):
+        self.epochs.append(dict(record))
+
+    def log_samples(self, epoch, images):
+        self.grids.append((epoch, images.clone()))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_end_epoch_logs_its_record_and_grid_and_checkpoints_with_the_run_id(tmp_path, precision):
+    params = params_for(model="cgan", precision=precision, epochs=3, sample_every=2, checkpoint_every=2)
+    state = training.TrainState.start(params, CPU, torch.arange(20) % 10)
+    test_images, test_labels = torch.rand(12, 784) * 2 - 1, torch.arange(12) % 10
+    tracker = RecordingTracker()
+    for epoch in (1, 2):
+        rng = torch.get_rng_state()  # d_scores draws its fakes from the global RNG
+        record = training.end_epoch(state, epoch, (1.5, 0.5), 0.0, test_images, test_labels, tracker,
+                                    tmp_path / "ckpt.pt")
+    # the record: the D scores of the test set in the params' precision, the epoch's losses
+    torch.set_rng_state(rng)
+    p_real, p_fake = training.d_scores(state.generator, state.discriminator, test_images, 12,
+                                       real_labels=test_labels, precision=precision)
+    assert {k: v for k, v in record.items() if k != "seconds"} == {
+        "epoch": 2, "p_real": p_real, "p_fake": p_fake, "loss_d": 1.5, "loss_g": 0.5}
+    assert [r["epoch"] for r in tracker.epochs] == [1, 2] and tracker.epochs[-1] == record
+    assert state.history == tracker.epochs
+    # the grid of epoch 2 only (sample_every=2), drawn from the fixed noise, as logged
+    ((epoch, grid),) = tracker.grids
+    assert epoch == 2 and torch.equal(grid, state.samples[2])
+    assert torch.equal(grid, training.sample(state.sampler, state.fixed_noise, state.fixed_labels))
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["run_id"]) == (2, "run-42")
