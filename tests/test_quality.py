@@ -242,3 +242,13 @@ def test_each_set_is_scored_alone_against_the_real_one():
     near, far = real + torch.tensor([0.5, 0.0, 0.0, 0.0]), real + torch.tensor([0.0, 3.0, 4.0, 0.0])
     assert frechet_distances(real, [near, far]) == pytest.approx([0.25, 25.0], rel=1e-6)
     assert frechet_distances(real, [far, near]) == pytest.approx([25.0, 0.25], rel=1e-6)
+
+
+def test_inception_score_of_two_certain_classes_is_two_even_where_probabilities_underflow_to_zero():
+    """p(y|x) one-hot (the other classes' probabilities are exactly 0 in double): each KL term is
+    log(1 / 0.5), so IS = 2; a 0 * log 0 term must count as 0, not NaN."""
+    logits = torch.zeros(2, 10)
+    logits[0, 0] = logits[1, 1] = 1000.0
+    metrics = class_metrics(logits)
+    assert metrics["inception_score"] == 2.0
+    assert (metrics["class_0"], metrics["class_1"], metrics["confident"]) == (0.5, 0.5, 1.0)

@@ -133,3 +133,13 @@ def test_latents_for_a_digit_accept_0_to_9_only():
     for digit in (-1, 10):
         with pytest.raises(ValueError, match=rf"^digit {digit} is out of range: 0 to 9$"):
             latents(generator, 3, CPU, digit=digit)
+
+
+@pytest.mark.parametrize("train_labels, test_labels", [(True, False), (False, True), (False, False)])
+def test_a_conditional_model_needs_both_label_sets(tiny_params, train_labels, test_labels):
+    labels = torch.arange(20) % 10
+    with pytest.raises(ValueError, match=r"^model 'cgan' is conditional: pass train_labels and test_labels$"):
+        train(dataclasses.replace(tiny_params, model="cgan", batch_size=10), torch.zeros(20, 784),
+              torch.zeros(20, 784),
+              torch.device("cpu"), train_labels=labels if train_labels else None,
+              test_labels=labels if test_labels else None)
