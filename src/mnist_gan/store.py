@@ -13,9 +13,8 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 from mlflow.environment_variables import (
@@ -159,19 +158,8 @@ def retry_budget_s() -> float:
     return sum(min(Retry.DEFAULT_BACKOFF_MAX, factor * 2 ** (k - 1)) for k in range(2, retries + 1))
 
 
-@contextmanager
-def without_retries() -> Iterator[None]:
+def without_retries():
     """Inside the block MLflow's client tries each request once, for at most 5 s: for the last
     words to a server known to be down, which would otherwise take another retry budget."""
-    saved = {var.name: os.environ.get(var.name) for var in (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-                                                            MLFLOW_HTTP_REQUEST_TIMEOUT)}
-    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = "0"
-    os.environ[MLFLOW_HTTP_REQUEST_TIMEOUT.name] = "5"
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
+    return mock.patch.dict(os.environ, {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0",
+                                        MLFLOW_HTTP_REQUEST_TIMEOUT.name: "5"})
