@@ -25,6 +25,7 @@ from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from mnist_gan import store
+from mnist_gan.data import RAW_FILES
 from mnist_gan.store import EXPERIMENT
 from mnist_gan.team_server import Folder, postgres_bin
 from tests.helpers import REPO, free_port, make_repo, pipeline_env, run
@@ -70,11 +71,16 @@ def log_in(monkeypatch: pytest.MonkeyPatch, url: str, user: tuple[str, str]) -> 
     return MlflowClient(url)
 
 
+def psql_command(server: TeamServer, database: str) -> tuple[list[str], dict[str, str]]:
+    """PostgreSQL's own client on the server's database, logged in as the server is (its pgpass)."""
+    return ([str(postgres_bin(server.folder) / "psql"), "-h", "127.0.0.1", "-p", str(server.pg_port),
+             "-U", "mlflow", "-d", database], pipeline_env() | {"PGPASSFILE": str(server.folder.pgpass)})
+
+
 def psql(server: TeamServer, database: str, query: str) -> str:
-    """A query through PostgreSQL's own client, logged in as the server is (its pgpass)."""
-    return run([str(postgres_bin(server.folder) / "psql"), "-h", "127.0.0.1", "-p", str(server.pg_port),
-                "-U", "mlflow", "-d", database, "-tAc", query], REPO,
-               pipeline_env() | {"PGPASSFILE": str(server.folder.pgpass)}).strip()
+    """One query's result."""
+    command, env = psql_command(server, database)
+    return run([*command, "-tAc", query], REPO, env).strip()
 
 
 def running_pids(folder: Folder) -> list[int]:
@@ -182,7 +188,9 @@ def test_four_queued_experiments_log_every_epoch_once_with_artifacts_and_model(t
             break
         assert time.monotonic() < deadline, f"queue not done in 600 s:\n{status}"
         time.sleep(5)
-    assert status.count("Success") == 4, status
+    failed = [line.split()[1] for line in status.splitlines() if line.endswith("Failed")]
+    assert status.count("Success") == 4, status + "".join(run(["dvc", "queue", "logs", name], repo, env)
+                                                          for name in failed)
 
     client = log_in(monkeypatch, team_server.url, EDITOR)
     runs = client.search_runs([team_server.experiment_id], filter_string="tags.dvc_exp_name != ''")
@@ -240,6 +248,58 @@ def test_eight_concurrent_writers_lose_no_point(team_server, monkeypatch):
         history = sorted(client.get_metric_history(run_id, "value"), key=lambda m: m.step)
         assert count >= 5  # on a loaded CI machine too
         assert [(m.step, m.value) for m in history] == [(s, writer * 1000 + s * 0.5) for s in range(count)]
+
+
+def until(condition, failure: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.2)
+
+
+DATASET_WRITER = """
+import sys
+import mlflow
+from mnist_gan.tracking import MlflowTracker
+with mlflow.start_run(experiment_id=sys.argv[1]) as run:
+    MlflowTracker(run.info.run_id).log_datasets(sys.argv[2])
+print("logged", run.info.run_id)
+"""
+
+
+def test_runs_logging_a_new_dataset_at_once_all_record_it(team_server, synthetic_raw, monkeypatch):
+    """MLflow's store looks a dataset up, then inserts it. A lock on its table, held until every
+    writer has looked and waits to insert, makes the race of a queue's first experiments certain."""
+    writers = 4
+    for name in RAW_FILES:  # files whose MD5s no run has logged yet: a dataset new to the store
+        (synthetic_raw / name).write_bytes(os.urandom(64))
+    command, psql_env = psql_command(team_server, "mlflow")
+    lock = subprocess.Popen([*command, "-qo", os.devnull], stdin=subprocess.PIPE, env=psql_env, text=True)
+    # EXCLUSIVE lets the writers' SELECTs through and stops their INSERTs
+    lock.stdin.write("BEGIN; LOCK TABLE datasets IN EXCLUSIVE MODE;\n")
+    lock.stdin.flush()
+    held = ("SELECT count(*) FROM pg_locks JOIN pg_class ON relation = pg_class.oid "
+            "WHERE relname = 'datasets' AND mode = 'ExclusiveLock' AND granted")
+    until(lambda: psql(team_server, "mlflow", held) == "1", "the lock on datasets was never taken")
+    env = login_env(team_server.url, EDITOR)
+    procs = [subprocess.Popen([sys.executable, "-c", DATASET_WRITER, team_server.experiment_id,
+                               str(synthetic_raw)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(writers)]
+    try:
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE 'INSERT INTO datasets%'")
+        until(lambda: psql(team_server, "mlflow", waiting) == str(writers),
+              "the writers never all waited to insert the dataset")
+    finally:
+        lock.communicate("COMMIT;\n", timeout=30)
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * writers, "\n".join(err for _, err in results)
+    client = log_in(monkeypatch, team_server.url, EDITOR)
+    run_ids = [line.split()[1] for out, _ in results for line in out.splitlines()
+               if line.startswith("logged ")]
+    inputs = [{(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
+              for run_id in run_ids]
+    assert len(run_ids) == writers and len(inputs[0]) == 2 and all(each == inputs[0] for each in inputs)
 
 
 def train_stage(repo: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:

@@ -250,7 +250,16 @@ class MlflowTracker:
                                         digest=digest.hexdigest()))
             contexts.append(context)
             tags.append({name: md5s[name] for name in names})
-        mlflow.log_inputs(datasets, contexts, tags)
+        try:
+            mlflow.log_inputs(datasets, contexts, tags)
+        except mlflow.exceptions.MlflowException as error:
+            # MLflow's SQL store looks a dataset up, then inserts it: runs that log a new dataset
+            # at the same moment (a queue's first experiments) race on its key, and all but one
+            # get BAD_REQUEST. The winner's row is there now, so once more finds it; a bad request
+            # of another cause fails again, and that error is raised.
+            if error.error_code != "BAD_REQUEST":
+                raise
+            mlflow.log_inputs(datasets, contexts, tags)
 
     def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
         mlflow.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()
