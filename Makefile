@@ -33,9 +33,10 @@ lint: venv  ## ruff
 	ruff check src stages tests benchmarks
 
 # one thread per mutant worker: the tests' tensors are tiny, and two workers x two threads thrash 2 cores
+MUTANTS ?=  # all of the core; or mutmut's name patterns, e.g. MUTANTS='mnist_gan.losses.*'
 mutation: venv  ## mutation testing of the core with the fast tests (mutmut): score per module, survivors
-	OMP_NUM_THREADS=1 mutmut run --max-children $$(nproc)
-	python tests/mutation_report.py
+	OMP_NUM_THREADS=1 mutmut run --max-children $$(nproc) $(MUTANTS)
+	python tests/mutation_report.py $(MUTANTS)
 
 bench: venv  ## compare the training loop's speed with the tutorial's loop
 	python benchmarks/bench.py

@@ -3,11 +3,13 @@ surviving mutants with their diffs, and a non-zero exit below the target.
 
 mutmut prints one status per mutant and a global count; the per-module score, with the survivors
 judged equivalent (tests/equivalent_mutants.txt: a mutant name, then why it cannot be killed) left
-out of it, is ours. Run from the repository root, after `mutmut run`.
+out of it, is ours. Run from the repository root, after `mutmut run`, with the same name patterns
+if it had any (`make mutation MUTANTS=...`): the mutants they select are the ones reported.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 from collections import Counter
 from pathlib import Path
@@ -40,7 +42,7 @@ def changed_lines(name: str, path: Path) -> str:
     return "  |  ".join(line.strip() for line in diff if line[:1] in "-+" and line[:3] not in ("---", "+++"))
 
 
-def main() -> int:
+def main(patterns: list[str]) -> int:
     equivalent = equivalent_mutants()
     seen: set[str] = set()
     rows, survivors, stale = [], [], []
@@ -52,6 +54,8 @@ def main() -> int:
         counts = Counter()
         for name, code in sorted(data.exit_code_by_key.items()):
             seen.add(name)
+            if patterns and not any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+                continue  # as `mutmut run <patterns>` matches its mutants
             status = status_by_exit_code[code]
             if name in equivalent:
                 counts["equivalent"] += 1
@@ -64,6 +68,8 @@ def main() -> int:
             else:
                 counts["survived"] += 1
                 survivors.append(f"{name} ({status}): {changed_lines(name, path)}")
+        if not counts:
+            continue
         judged = counts["killed"] + counts["survived"]
         score = counts["killed"] / judged if judged else None  # nothing judged yet: no score
         rows.append((path.stem, sum(counts.values()), counts["killed"], counts["survived"],
@@ -91,4 +97,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

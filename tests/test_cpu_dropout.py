@@ -120,8 +120,9 @@ def test_a_failed_build_means_no_kernel_and_a_warning(monkeypatch, caplog):
 
 def test_building_leaves_path_and_logging_as_they_were():
     """A fresh process, as a user's, with the environment's ninja not on PATH (not activated):
-    importing changes nothing, and the build finds the pip package's ninja and then restores PATH
-    and torch's cpp_extension logger, whose import-time CUDA warning it mutes."""
+    importing changes nothing, and the build runs the pip package's ninja, not a system-wide one
+    of another version that would take this process's build for stale and rebuild it; then PATH
+    and torch's cpp_extension logger, whose import-time CUDA warning it mutes, are as they were."""
     script = (
         "import logging, os\n"
         "path = os.environ['PATH']\n"
@@ -131,14 +132,19 @@ def test_building_leaves_path_and_logging_as_they_were():
         "level = logging.getLogger('torch.utils.cpp_extension').level\n"
         "print(imported, built, os.environ['PATH'] == path, level)\n"
     )
+    built = cpu_dropout.kernels()  # by this process: the build the fresh one must find up to date
+    log = Path(built.__file__).with_name(".ninja_log") if built is not None else None
+    before = log.read_text() if log else None
     # the environment's bin/ (pip's ninja) off PATH; a system-wide ninja (/usr/bin, beside the
-    # compiler) may stay: the build must work, and PATH come back, either way
+    # compiler) may stay
     venv_bin = Path(sys.executable).parent
     path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if Path(d) != venv_bin)
     result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PATH": path}, cwd=REPO,
                             capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["True", str(cpu_dropout.kernels() is not None), "True", "0"]
+    assert result.stdout.split() == ["True", str(built is not None), "True", "0"]
     assert "No CUDA runtime" not in result.stderr
+    if log:
+        assert log.read_text() == before  # nothing rebuilt
 
 
 def test_bad_tensors_get_a_clear_error(dropout_kernels):

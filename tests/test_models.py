@@ -1,3 +1,4 @@
+import copy
 import os
 import pickle
 
@@ -173,6 +174,44 @@ def test_bf16_autocast_runs_in_bf16_fused_where_onednn_has_it_else_as_the_plain_
         torch.testing.assert_close(got.float(), plain.float(), rtol=0.05, atol=0.05)
     else:
         assert torch.equal(got, plain)
+
+
+def test_the_mlp_runs_fused_exactly_where_it_can(dropout_kernels, monkeypatch):
+    """Each case's values are nn.Sequential's either way (the tests above): only the calls tell
+    whether the fused layers ran. One call per block, with the block's dropout p when training."""
+    calls = []
+    fused_apply = models._DenseFn.apply
+
+    def recording(x, weight, bias, post_op, p):
+        calls.append((x.dtype, weight.dtype, p))
+        return fused_apply(x, weight, bias, post_op, p)
+
+    monkeypatch.setattr(models._DenseFn, "apply", recording)
+    model = Generator(d_noise=8, width=16, dropout=0.5).net
+
+    def ran(x: torch.Tensor, *, training: bool = False, net: nn.Module = model) -> list[tuple]:
+        calls.clear()
+        net.train(training)(x)
+        return list(calls)
+
+    z, f32 = torch.randn(4, 8), torch.float32
+    assert ran(z) == [(f32, f32, 0.0)] * 3
+    assert ran(z, training=True) == [(f32, f32, 0.5), (f32, f32, 0.5), (f32, f32, 0.0)]
+    assert ran(z.unsqueeze(0)) == []  # a batch of batches: nn.Linear's broadcasting
+    assert ran(z.double(), net=copy.deepcopy(model).double()) == []  # oneDNN's are fp32 and bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = torch.bfloat16
+        assert ran(z) == ([(bf16, bf16, 0.0)] * 3 if bf16 in FUSED_DTYPES else [])
+    with monkeypatch.context() as patched:
+        patched.setattr(cpu_dropout, "kernels", lambda: None)  # no C++ compiler
+        assert ran(z) == [(f32, f32, 0.0)] * 3  # without dropout the kernel is not needed
+        assert ran(z, training=True) == []
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.compile traces the modules
+        assert ran(z) == []
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "_onednn_linear", None)  # a torch built without oneDNN
+        assert ran(z) == []
 
 
 def test_generator_exports_with_torch_export(tmp_path):

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -75,8 +74,10 @@ def _build_name(source: str, cflags: list[str]) -> str:
 def _build_environment() -> Iterator[None]:
     """What the build needs, for the build only (then restored):
 
-    - ninja on PATH: torch runs it from there, and the pip package's binary is not on it where the
-      virtual environment is not activated (`.venv/bin/python ...`);
+    - the pip package's ninja first on PATH, where torch looks for it: it is not on PATH where the
+      environment is not activated (`.venv/bin/python ...`), and a system-wide ninja of another
+      version must not run instead: ninja 1.11 and 1.13 hash commands differently in their build
+      logs, so each would take the other's build for stale and rebuild the kernel (a minute);
     - torch.utils.cpp_extension's logger muted below errors: on import, a CUDA build of torch on a
       machine without a GPU warns that no CUDA runtime is found, and without a compiler the build
       warns that "c++" is not a compatible one; neither concerns a CPU kernel, and a failed build is
@@ -85,9 +86,9 @@ def _build_environment() -> Iterator[None]:
     path = os.environ.get("PATH")
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
-    if shutil.which("ninja") is None:
-        import ninja
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path or ''}"
+    import ninja
+
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path or ''}"
     logger.setLevel(logging.ERROR)
     try:
         yield
