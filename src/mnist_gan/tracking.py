@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import posixpath
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -32,8 +34,10 @@ from mnist_gan.params import Params
 log = logging.getLogger(__name__)
 
 TRAINING_RUN_TAG = "training_run_id"  # on a run that evaluate/plot logged for a training run it lacks
-# the last epoch whose fixed-noise grid the run holds (MLflow lists logged images only as files)
-SAMPLES_TAG = "samples_logged_through_epoch"
+GRID_KEY = "samples"  # mlflow.log_image's key of the fixed-noise grids
+# MLflow lists logged images only as files, named by log_image "<key>+step+<step>+timestamp+...png"
+# (the UI parses the same names; older versions wrote % for +)
+GRID_FILE = re.compile(rf"{GRID_KEY}[+%]step[+%](\d+)[+%].*\.png")
 MNIST_HOME = "https://yann.lecun.com/exdb/mnist/"  # the source named for files with the official MD5s
 
 
@@ -187,10 +191,7 @@ class MlflowTracker:
         self.run_id = run_id
         self._reopened = reopened
         self._metric_steps: dict[str, set[int]] = {}  # per metric, the steps logged
-        # Grids come in epoch order (the training loop's, and a resume's: the checkpoint's grids,
-        # all logged before the checkpoint was written, then the re-trained epochs'), so the last
-        # one logged, kept in SAMPLES_TAG, says which the run holds.
-        self._samples_through = 0
+        self._grid_steps: set[int] = set()  # the epochs whose grid the run holds
 
     def _read_logged(self) -> None:
         """What the reopened run already holds, once."""
@@ -200,7 +201,10 @@ class MlflowTracker:
             run = client.get_run(self.run_id)
             self._metric_steps = {key: {m.step for m in client.get_metric_history(self.run_id, key)}
                                   for key in run.data.metrics}
-            self._samples_through = int(run.data.tags.get(SAMPLES_TAG, 0))
+            # read from the files themselves, not from a tag set after each upload: a server that
+            # dies between the upload and the tag would have the resumed run log that grid again
+            self._grid_steps = {int(match[1]) for artifact in client.list_artifacts(self.run_id, "images")
+                                if (match := GRID_FILE.fullmatch(posixpath.basename(artifact.path)))}
 
     def log_epoch(self, record: dict[str, float]) -> None:
         self._read_logged()
@@ -213,16 +217,14 @@ class MlflowTracker:
 
     def log_samples(self, epoch: int, images: torch.Tensor) -> None:
         self._read_logged()
-        if epoch > self._samples_through:
+        if epoch not in self._grid_steps:
             # imported here: matplotlib and torchvision take seconds, and a stage that fails fast
             # (unreachable store) or never logs images (evaluate) should not wait for them
             from mnist_gan.plotting import image_grid
 
             # time-stepped images: the MLflow UI shows them with a slider over epochs
-            mlflow.log_image(image_grid(images), key="samples", step=epoch)
-            # after the image: a process killed in between logs this grid again on resume, never loses it
-            mlflow.set_tag(SAMPLES_TAG, epoch)
-            self._samples_through = epoch
+            mlflow.log_image(image_grid(images), key=GRID_KEY, step=epoch)
+            self._grid_steps.add(epoch)
 
     def log_datasets(self, raw_dir: Path) -> None:
         """The MNIST train and test sets as the run's inputs (the UI's Dataset column): named, with
