@@ -220,3 +220,49 @@ def test_the_retry_budget_is_urllib3s_backoff_summed(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     assert retry_budget_s() == 2 + 4
+
+
+def test_a_response_cut_off_by_a_dying_server_is_logged_once_when_it_is_back(client, tiny_params, grid_steps,
+                                                                              monkeypatch, caplog):
+    """A server killed while answering: the epoch's metrics and grid reached the store, the reply never
+    came, and the call failed at once, outside urllib3's retries. The tracker waits for the server
+    (down at the first look, up at the second) and sends what the store lacks: nothing, here."""
+    from mnist_gan import store
+
+    images = torch.zeros(16, 784)
+    answers = iter([False, True])
+    monkeypatch.setattr(store, "server_answers", lambda uri: next(answers))
+    log_metrics, log_image = mlflow.log_metrics, mlflow.log_image
+
+    def cut_off(log_call):
+        def stored_then_cut_off(*args, **kwargs):
+            log_call(*args, **kwargs)
+            monkeypatch.setattr(mlflow, log_call.__name__, log_call)  # once
+            raise ConnectionError("Connection broken: IncompleteRead(0 bytes read, 2 more expected)")
+        return stored_then_cut_off
+
+    with open_training_run(tiny_params, "cpu", None) as tracker:
+        tracker.log_epoch(record(1))
+        monkeypatch.setattr(mlflow, "log_metrics", cut_off(log_metrics))
+        tracker.log_epoch(record(2))
+        answers = iter([False, True])
+        monkeypatch.setattr(mlflow, "log_image", cut_off(log_image))
+        tracker.log_samples(2, images)
+
+    assert logged_steps(client, tracker.run_id) == {**{key: [1, 2] for key in METRICS}, "grid files": 1}
+    assert grid_steps == [2]
+    assert caplog.text.count("is back: logging again what it missed") == 2
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_failure_while_the_server_answers_is_raised_at_once(client, tiny_params, monkeypatch):
+    def failing(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("INVALID_PARAMETER_VALUE")
+
+    with (pytest.raises(mlflow.exceptions.MlflowException),
+          open_training_run(tiny_params, "cpu", None) as tracker):
+        monkeypatch.setattr(mlflow, "log_metrics", failing)
+        started = time.monotonic()
+        tracker.log_epoch(record(1))
+    assert time.monotonic() - started < 10  # no wait for a server that never went away
+    assert client.get_run(tracker.run_id).info.status == "FAILED"

@@ -15,6 +15,8 @@ from pathlib import Path
 # what it needs itself, so `generate` from a file does not load MLflow
 from mnist_gan.errors import UserError
 
+DEFAULT_STORAGE = "sqlite:///optuna.db"  # tune's study on one machine; a team's is on its PostgreSQL
+
 
 def compare_command(args: argparse.Namespace) -> int:
     from mnist_gan import store
@@ -82,6 +84,30 @@ def team_server_command(args: argparse.Namespace) -> int:
     else:
         print(team_server.stop(args.dir))
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    import logging
+
+    from mnist_gan import tuning
+
+    study = args.study or args.preset
+    if args.apply_best:
+        return tuning.apply_best(study, args.storage, args.heartbeat)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary, finished = tuning.tune(args.preset, study, args.storage, args.trials, args.workers,
+                                    args.heartbeat)
+    print(summary)
+    if not finished:
+        print(f"mnist-gan tune: study {study!r} holds fewer than {args.trials} COMPLETE or PRUNED trials "
+              "(a worker failed: its log is above); run the same command again to go on", file=sys.stderr)
+    return 0 if finished else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the server stores artifacts, e.g. s3://bucket/mlflow (needs boto3 and "
                            "the server's credentials; default: DIR/artifacts)")
     team.set_defaults(run=team_server_command)
+
+    tune = commands.add_parser(
+        "tune", help="Optuna search over a preset's params; every trial an MLflow run",
+        description="Search the space of conf/search/PRESET.yaml with Optuna (TPE sampler, median pruner "
+                    "on a cheap FID every few epochs) until the study holds TRIALS complete or pruned "
+                    "trials. The study lives in --storage: the same command on another machine joins it, "
+                    "and run again it resumes. --apply-best runs the best trial as a DVC experiment.")
+    tune.add_argument("--preset", default="mlp",
+                      help="the preset searched: conf/search/PRESET.yaml (default: mlp)")
+    tune.add_argument("--study", help="the study's name (default: the preset's)")
+    tune.add_argument("--storage", default=DEFAULT_STORAGE,
+                      help="the study's storage: sqlite:///FILE, or the team server's "
+                           "postgresql+psycopg2://mlflow@HOST:PORT/optuna (default: %(default)s)")
+    tune.add_argument("--trials", type=_at_least_one, default=20,
+                      help="complete or pruned trials the study should hold (default: 20)")
+    tune.add_argument("--workers", type=_at_least_one, default=1,
+                      help="worker processes on this machine (default: 1)")
+    tune.add_argument("--heartbeat", type=_at_least_one, default=60,
+                      help="seconds between a worker's heartbeats; a trial whose beat is two beats "
+                           "late is FAIL (default: 60)")
+    tune.add_argument("--apply-best", action="store_true",
+                      help="run `dvc exp run -S ...` with the best trial's params instead of searching")
+    tune.set_defaults(run=tune_command)
     return parser
+
 
 
 def main(argv: list[str] | None = None) -> int:

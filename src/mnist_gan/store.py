@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -144,6 +145,16 @@ def server_answers(uri: str) -> bool:
     except (urllib.error.URLError, OSError):
         return False
     return True
+
+
+def wait_for_server(uri: str, seconds: float) -> bool:
+    """Whether the tracking server at `uri` answers within `seconds`, asked every second."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server_answers(uri):
+            return True
+        time.sleep(1)
+    return False
 
 
 def retry_budget_s() -> float:

@@ -16,8 +16,9 @@ import os
 import posixpath
 import re
 import subprocess
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ GRID_FILE = re.compile(rf"{GRID_KEY}[+%]step[+%](\d+)[+%].*\.png")
 MNIST_HOME = "https://yann.lecun.com/exdb/mnist/"  # the source named for files with the official MD5s
 
 
-def _run_exists(run_id: str) -> bool:
+def run_exists(run_id: str) -> bool:
+    """Whether the store holds run `run_id`, not deleted."""
     try:
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -56,9 +58,11 @@ def _git_commit() -> str:
 
 @contextmanager
 def open_run(run_id: str | None = None, *, params: Params | None = None, device: str | None = None,
-             tags: dict[str, str] | None = None, system_metrics: bool = False) -> Iterator[MlflowTracker]:
-    """Start a new run (logging params, `tags` and the project's own) or reopen `run_id`;
-    `system_metrics` samples CPU, memory (and GPU) into it while it is open.
+             tags: dict[str, str] | None = None, system_metrics: bool = False,
+             parent_run_id: str | None = None, run_name: str | None = None) -> Iterator[MlflowTracker]:
+    """Start a new run (logging params, `tags` and the project's own; named `run_name`, else by
+    the DVC experiment; nested under `parent_run_id`) or reopen `run_id`; `system_metrics` samples
+    CPU, memory (and GPU) into it while it is open.
 
     The run ends FINISHED on success and FAILED, with the reason as a tag, when the block
     raises, so no run is left RUNNING by an error (nor, in a stage, by SIGTERM: see signals.py).
@@ -72,8 +76,8 @@ def open_run(run_id: str | None = None, *, params: Params | None = None, device:
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         try:
             run = mlflow.start_run(experiment_id=store.experiment_id(),
-                                   run_name=os.environ.get("DVC_EXP_NAME"), tags=tags,
-                                   log_system_metrics=system_metrics)
+                                   run_name=run_name or os.environ.get("DVC_EXP_NAME"), tags=tags,
+                                   parent_run_id=parent_run_id, log_system_metrics=system_metrics)
         except mlflow.exceptions.MlflowException as err:
             if err.error_code != "PERMISSION_DENIED":  # a server with logins: the user lacks EDIT
                 raise
@@ -84,7 +88,7 @@ def open_run(run_id: str | None = None, *, params: Params | None = None, device:
         if params is not None:
             mlflow.log_params(params.flat())
     else:
-        if not _run_exists(run_id):
+        if not run_exists(run_id):
             raise store.TrackingError(f"MLflow run {run_id} is not in {uri}")
         run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
     try:
@@ -120,7 +124,7 @@ def open_stage_run(training_run_id: str, params: Params, device: str) -> Iterato
     """
     uri = store.connect()
     run_id: str | None = training_run_id
-    if not _run_exists(training_run_id):
+    if not run_exists(training_run_id):
         found = MlflowClient().search_runs(
             [store.experiment_id()], filter_string=f"tags.{TRAINING_RUN_TAG} = '{training_run_id}'",
             order_by=["attributes.start_time DESC"], max_results=1)
@@ -163,7 +167,7 @@ def open_training_run(params: Params, device: str, resume: dict[str, Any] | None
     run_id = resume["run_id"] if resume else None
     if run_id is not None:
         uri = store.connect()
-        if not _run_exists(run_id):
+        if not run_exists(run_id):
             log.warning("MLflow run %s of the checkpoint is not in %s: logging the resumed training, "
                         "epochs 1-%d included, to a new run", run_id, uri, resume["epoch"])
             run_id = None
@@ -206,7 +210,33 @@ class MlflowTracker:
             self._grid_steps = {int(match[1]) for artifact in client.list_artifacts(self.run_id, "images")
                                 if (match := GRID_FILE.fullmatch(posixpath.basename(artifact.path)))}
 
+    def _outlasting_outages(self, log_call: Callable[[], None]) -> None:
+        """`log_call`, once more if it failed faster than MLflow's retries while the server was down
+        and the server comes back within what is left of them.
+
+        A connection refused or reset is retried by urllib3, but a response cut off by a server
+        killed while answering fails at once (requests reads the body after urllib3's retries are
+        over). What the first try may have stored is read from the run before the second.
+        """
+        started = time.monotonic()
+        try:
+            log_call()
+        except Exception:
+            uri = mlflow.get_tracking_uri()
+            left = store.retry_budget_s() - (time.monotonic() - started)
+            if store.server_answers(uri) or not store.wait_for_server(uri, left):
+                raise
+            log.warning("MLflow tracking server %s is back: logging again what it missed", uri)
+            self._reopened = True
+            log_call()
+
     def log_epoch(self, record: dict[str, float]) -> None:
+        self._outlasting_outages(lambda: self._log_epoch(record))
+
+    def log_samples(self, epoch: int, images: torch.Tensor) -> None:
+        self._outlasting_outages(lambda: self._log_samples(epoch, images))
+
+    def _log_epoch(self, record: dict[str, float]) -> None:
         self._read_logged()
         epoch = int(record["epoch"])
         new = {k: v for k, v in record.items() if k != "epoch" and epoch not in self._metric_steps.get(k, ())}
@@ -215,7 +245,7 @@ class MlflowTracker:
         for key in new:
             self._metric_steps.setdefault(key, set()).add(epoch)
 
-    def log_samples(self, epoch: int, images: torch.Tensor) -> None:
+    def _log_samples(self, epoch: int, images: torch.Tensor) -> None:
         self._read_logged()
         if epoch not in self._grid_steps:
             # imported here: matplotlib and torchvision take seconds, and a stage that fails fast

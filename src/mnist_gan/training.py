@@ -291,14 +291,16 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
           device: torch.device, *, train_labels: torch.Tensor | None = None,
           test_labels: torch.Tensor | None = None, tracker: Tracker | None = None,
           checkpoint_path: Path | None = None, resume: dict[str, Any] | None = None,
-          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None,
+          on_epoch: Callable[[int, GeneratorModel], None] | None = None) -> TrainResult:
     """Train the GAN; `train_images`/`test_images` are [N, 784] in [-1, 1] on `device`,
     and the `*_labels` [N] int64 digits on `device` (needed by conditional models only).
 
     `resume` is a checkpoint from `checkpoint.load`: training continues after its
     epoch with its weights, optimiser moments and RNG state, so an interrupted and
     resumed run ends where an uninterrupted one would. `on_step(epoch, batch)` is
-    a test hook for injecting faults mid-epoch.
+    a test hook for injecting faults mid-epoch; `on_epoch(epoch, sampler)` sees the
+    sampling generator after each epoch is logged (tune's pruner: what it raises stops training).
     """
     tracker = tracker or NullTracker()
     if params.batch_size > len(train_images):
@@ -319,6 +321,8 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
         losses = train_epoch(state, epoch, train_images, train_labels, on_step)
         record = end_epoch(state, epoch, losses, started, test_images, test_labels, tracker, checkpoint_path)
         bar.set_postfix(p_real=f"{record['p_real']:.3f}", p_fake=f"{record['p_fake']:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, state.sampler)
     bar.close()
     return TrainResult(state.generator, state.discriminator, state.history, state.samples,
                        train_seconds=sum(r["seconds"] for r in state.history),
