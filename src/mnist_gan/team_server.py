@@ -11,7 +11,8 @@ each secret in a file of mode 0600:
   MLFLOW_AUTH_ADMIN_PASSWORD gives one. MLflow reads it only to create that user: after the admin
   changes the password (docs/team.md) the file is stale.
 
-Two databases: `mlflow` (experiments, runs, models) and `mlflow_auth` (users, permissions).
+Three databases: `mlflow` (experiments, runs, models), `mlflow_auth` (users, permissions) and
+`optuna` (the studies of `python -m mnist_gan tune`, which connects as `mlflow` with PGPASSFILE).
 Users get READ on everything by default (MLflow's default_permission); the first start creates
 the `mnist-gan` experiment as admin, so that no user owns it, and the admin grants EDIT on it
 per user. PostgreSQL refuses to run as root: as root, its commands run as the `postgres` user.
@@ -39,7 +40,7 @@ from mnist_gan.store import EXPERIMENT
 
 POSTGRES_ROOT = Path("/usr/lib/postgresql")  # Debian's layout: <version>/bin/{initdb,pg_ctl}
 DB_ROLE = "mlflow"
-TRACKING_DB, AUTH_DB = "mlflow", "mlflow_auth"
+TRACKING_DB, AUTH_DB, OPTUNA_DB = "mlflow", "mlflow_auth", "optuna"
 ADMIN = "admin"
 START_TIMEOUT = 120  # seconds for `mlflow server` to answer /health (its workers import MLflow)
 
@@ -159,7 +160,7 @@ def _start_postgres(folder: Folder, bin_dir: Path, port: int) -> None:
 
 
 def _create_databases(folder: Folder, port: int) -> bool:
-    """Create the two databases where missing; whether the MLflow admin user exists yet."""
+    """Create the databases where missing; whether the MLflow admin user exists yet."""
     import psycopg2  # only here: `team-server stop` and the pipeline never need it
 
     def connect(dbname: str):
@@ -169,7 +170,7 @@ def _create_databases(folder: Folder, port: int) -> bool:
         return closing(conn)
 
     with connect("postgres") as conn, conn.cursor() as cursor:
-        for name in (TRACKING_DB, AUTH_DB):
+        for name in (TRACKING_DB, AUTH_DB, OPTUNA_DB):
             cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cursor.fetchone() is None:
                 cursor.execute(f'CREATE DATABASE "{name}"')
@@ -274,6 +275,11 @@ def _start_mlflow(folder: Folder, host: str, port: int, pg_port: int, options: l
     return url
 
 
+def optuna_storage(pg_port: int) -> str:
+    """The URL of the cluster's `optuna` database, for `tune --storage`; the password is in pgpass."""
+    return f"postgresql+psycopg2://{DB_ROLE}@127.0.0.1:{pg_port}/{OPTUNA_DB}"
+
+
 def start(root: Path, host: str, port: int, pg_port: int, allowed_hosts: str | None = None,
           artifacts: str | None = None) -> str:
     """Start PostgreSQL and `mlflow server --app-name basic-auth` in `root`, those that are not running;
@@ -308,7 +314,8 @@ def start(root: Path, host: str, port: int, pg_port: int, allowed_hosts: str | N
     if allowed_hosts:
         options += ["--allowed-hosts", allowed_hosts]
     url = _start_mlflow(folder, host, port, pg_port, options, admin_password)
-    lines = [f"team server: {url} (PostgreSQL on 127.0.0.1:{pg_port}, folder {folder.root})"]
+    lines = [f"team server: {url} (PostgreSQL on 127.0.0.1:{pg_port}, folder {folder.root})",
+             f"tune's storage: {optuna_storage(pg_port)} (with PGPASSFILE={folder.pgpass})"]
     if admin_password is not None:
         _create_experiment(url, admin_password)
         where = "MLFLOW_AUTH_ADMIN_PASSWORD" if given else folder.admin_password

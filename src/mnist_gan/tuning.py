@@ -24,7 +24,9 @@ import logging
 import multiprocessing
 import os
 import shlex
+import socket
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,12 +49,16 @@ from mnist_gan.quality import frechet_distances, quality_metrics
 from mnist_gan.training import TrainingDiverged, latents, sample, train
 
 log = logging.getLogger(__name__)
+# the heartbeat (stale trials marked FAIL) is "experimental" in Optuna 5.0: a warning per worker
+# that a user can do nothing about
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SEARCH_DIR = Path("conf/search")
 # the keys a search may vary: those that shape training (model is the preset, fixed per study)
 TUNABLE = ("epochs", "batch_size", "lr", "beta1", "ema", "width", "dropout", "d_noise", "loss", "precision")
 STUDY_TAG, TRIAL_TAG, STATE_TAG = "optuna_study", "optuna_trial", "optuna_state"
-PARENT_ATTR, PRESET_ATTR, RUN_ATTR = "mlflow_parent_run_id", "preset", "mlflow_run_id"
+PARENT_ATTR, PRESET_ATTR = "mlflow_parent_run_id", "preset"  # of the study
+RUN_ATTR, WORKER_ATTR = "mlflow_run_id", "worker"  # of a trial: its run, and host:pid of its process
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what makes up a study's size
 CHEAP_FID_METRIC = "tune/cheap_fid"
 
@@ -260,6 +266,7 @@ class Objective:
                                parent_run_id=self.parent_run_id,
                                run_name=f"{self.study_name}-trial-{trial.number}") as tracker:
             trial.set_user_attr(RUN_ATTR, tracker.run_id)
+            trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
             tracker.log_datasets(paths.RAW_DIR)
             (train_images, train_labels), (test_images, test_labels) = self.train_data, self.test_data
             try:
@@ -367,7 +374,7 @@ def tune(preset: str, study_name: str, storage: str, trials: int, workers: int,
     # spawn, not fork: each worker gets fresh torch threads, MLflow client and database connections
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker_main, args=(job,), name=f"tune-worker-{i}")
-                 for i in range(workers)]
+                 for i in range(workers if _counted(study) < trials else 0)]
     for process in processes:
         process.start()
     for process in processes:
