@@ -13,6 +13,7 @@ import pytest
 from mnist_gan.classifier import Classifier, train_classifier
 from mnist_gan.params import Params, load_params
 from tests.helpers import CPU, REPO, SYNTHETIC_PARAMS, synthetic_inputs, write_synthetic_mnist
+from tests.team import running_team_server
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +65,10 @@ def dropout_kernels():
                else "its build failed: see the warning of mnist_gan.cpu_dropout")
         pytest.skip(f"the CPU dropout kernel cannot be built here, {why}")
     return kernels
+
+
+@pytest.fixture(scope="module")
+def team_server():
+    """A throwaway team server (tests/team.py) for each module that uses it."""
+    with running_team_server() as server:
+        yield server

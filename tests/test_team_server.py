@@ -33,18 +33,11 @@ from tests.team import (
     psql,
     psql_command,
     running_pids,
-    running_team_server,
 )
 
 pytestmark = pytest.mark.slow
 
 EPOCH_METRICS = ("p_real", "p_fake", "loss_d", "loss_g")  # logged once per epoch by the train stage
-
-
-@pytest.fixture(scope="module")
-def team_server():
-    with running_team_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

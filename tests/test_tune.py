@@ -22,7 +22,7 @@ from mnist_gan import tuning
 from mnist_gan.team_server import optuna_storage
 from mnist_gan.tuning import Dimension, TuneError, load_search, open_storage
 from tests.helpers import REPO, free_port, make_repo, pipeline_env, run
-from tests.team import EDITOR, log_in, login_env, running_team_server
+from tests.team import EDITOR, log_in, login_env
 
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())  # the mlp preset, composed
 # a search of seconds per trial on the tiny data
@@ -106,12 +106,6 @@ def test_unreachable_storage_is_one_line_naming_it_without_its_password():
 
 # --- end to end on the team server -------------------------------------------------------------------
 HEARTBEAT = 3  # seconds: a killed worker's trial is stale 6 s after its last beat
-
-
-@pytest.fixture(scope="module")
-def team_server():
-    with running_team_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
