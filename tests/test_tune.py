@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from mnist_gan import tuning
@@ -171,7 +172,7 @@ def test_two_workers_fill_a_study_on_postgresql_each_trial_a_nested_run(team_ser
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_trial_leaves_it_failed_and_the_study_still_fills(team_server, repo):
+def test_a_worker_killed_mid_trial_leaves_it_failed_and_the_study_still_fills(team_server, repo, monkeypatch):
     env = tune_env(team_server)
     command = tune_command(team_server, "killed", "--trials", "3")
     # its worker in its process group: killed together, as a machine that goes down
@@ -198,7 +199,10 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_the_study_still_fills(te
     out = other.communicate(timeout=900)[0]
     assert other.returncode == 0, out
     study = load_study(team_server, "killed")
+    log_in(monkeypatch, team_server.url, EDITOR)
     assert study.trials[victim].state == TrialState.FAIL
+    orphan = MlflowClient(team_server.url).get_run(study.trials[victim].user_attrs["mlflow_run_id"])
+    assert orphan.info.status == "FAILED" and "no heartbeat" in orphan.data.tags["failure_reason"]
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) >= 3
 
 

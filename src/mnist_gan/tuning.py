@@ -35,6 +35,7 @@ import mlflow
 import optuna
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
@@ -343,6 +344,17 @@ def _parent_run(study: optuna.Study, base: dict[str, Any], storage: str) -> str:
     return tracker.run_id
 
 
+def _end_orphaned_runs(study: optuna.Study) -> None:
+    """End FAILED the MLflow runs of trials whose worker died (FAIL by a stale heartbeat): no
+    process is left to end them, and they would show as RUNNING for ever."""
+    client = MlflowClient()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id is not None and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", "its worker stopped: no heartbeat (killed?)")
+            client.set_terminated(run_id, "FAILED")
+
+
 def table(study: optuna.Study) -> str:
     """The study's trials, one line each: number, state, value and params."""
     keys = sorted({key for t in study.trials for key in t.params})
@@ -383,6 +395,7 @@ def tune(preset: str, study_name: str, storage: str, trials: int, workers: int,
             log.warning("%s ended with exit status %s; its running trial, if any, is FAIL once its "
                         "heartbeat is stale", process.name, process.exitcode)
     optuna.storages.fail_stale_trials(study)
+    _end_orphaned_runs(study)
     summary = table(study)
     with tracking.open_run(parent) as tracker:
         done = [t for t in study.trials if t.state == TrialState.COMPLETE]
