@@ -198,3 +198,38 @@ def test_the_epochs_losses_are_the_means_of_their_steps(recorded):
         steps = slice(epoch * STEPS, (epoch + 1) * STEPS)
         assert record["loss_d"] == pytest.approx(sum(d_losses[steps]) / STEPS, rel=1e-5)
         assert record["loss_g"] == pytest.approx(sum(g_losses[steps]) / STEPS, rel=1e-5)
+
+
+def test_on_epoch_sees_each_epoch_after_its_record_with_the_sampler_and_can_stop_training(images):
+    """tune's pruning hook: called once per epoch once its record is in the history, with the EMA's
+    generator; what it raises ends train() there (a pruned trial trains no further)."""
+    params = dataclasses.replace(load_params(REPO / "params.yaml"), epochs=3, batch_size=BATCH, ema=0.9,
+                                 checkpoint_every=0, device="cpu")
+    seen, history_lengths = [], []
+
+    class Pruned(Exception):
+        pass
+
+    def on_epoch(epoch, sampler):
+        seen.append((epoch, sampler))
+        if epoch == 2:
+            raise Pruned
+
+    def log_epoch(record):
+        history_lengths.append(record["epoch"])
+
+    built = []
+
+    def recording_build_models(*args, **kwargs):
+        built.append(build_models(*args, **kwargs))
+        return built[-1]
+
+    tracker = training.NullTracker()
+    tracker.log_epoch = log_epoch
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(Pruned):
+        monkeypatch.setattr(training, "build_models", recording_build_models)
+        training.train(params, *images, CPU, tracker=tracker, on_epoch=on_epoch)
+    assert [epoch for epoch, _ in seen] == [1, 2] and history_lengths == [1, 2]
+    (generator, _), sampler = built[0], seen[0][1]
+    assert sampler is seen[1][1] and type(sampler) is type(generator)
+    assert sampler is not generator  # the EMA's copy, as the grids and evaluate use
