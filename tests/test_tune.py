@@ -236,3 +236,18 @@ def test_apply_best_runs_the_best_trial_as_a_dvc_experiment(team_server, repo):
     assert f"best: trial {best.number}" in applied
     params = experiment_params(repo, name)
     assert params["model"] == "mlp" and {k: params[k] for k in best.params} == pytest.approx(best.params)
+
+
+def test_the_table_gives_each_trial_its_state_fid_and_params():
+    study = optuna.create_study()
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
+    epochs = optuna.distributions.IntDistribution(10, 40, step=10)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.00047812, "epochs": 30}, value=95.0789,
+                                              distributions={"lr": lr, "epochs": epochs}))
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.00023, "epochs": 40}, state=TrialState.PRUNED,
+                                              value=586.42, intermediate_values={15: 588.04, 20: 586.42},
+                                              distributions={"lr": lr, "epochs": epochs}))
+    assert tuning.table(study).splitlines() == [
+        "| trial | state | fid | epochs | lr |", "|---|---|---|---|---|",
+        "| 0 | COMPLETE | 95.079 | 30 | 0.0004781 |",
+        "| 1 | PRUNED | 586.420 (cheap, epoch 20) | 40 | 0.00023 |"]

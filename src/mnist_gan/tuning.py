@@ -356,11 +356,14 @@ def _end_orphaned_runs(study: optuna.Study) -> None:
 
 
 def table(study: optuna.Study) -> str:
-    """The study's trials, one line each: number, state, value and params."""
+    """The study's trials, one line each: number, state, FID and params; a pruned trial's FID is
+    the cheap one it was pruned at (Optuna's value of a pruned trial: its last report)."""
     keys = sorted({key for t in study.trials for key in t.params})
     lines = ["| trial | state | fid | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
     for t in study.trials:
         value = "" if t.value is None else f"{t.value:.3f}"
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            value += f" (cheap, epoch {max(t.intermediate_values)})"
         cells = [f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, ""))
                  for k in keys]
         lines.append(f"| {t.number} | {t.state.name} | {value} | " + " | ".join(cells) + " |")
