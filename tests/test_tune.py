@@ -29,7 +29,7 @@ BASE = yaml.safe_load((REPO / "params.yaml").read_text())  # the mlp preset, com
 # a search of seconds per trial on the tiny data
 TINY_SEARCH = {"space": {"epochs": {"int": [2, 4], "step": 2}, "lr": {"float": [0.0001, 0.001], "log": True},
                          "width": {"choice": [32, 64]}},
-               "prune": {"every": 1, "samples": 100, "startup_trials": 1}}
+               "prune": {"every": 1, "samples": 100, "startup_trials": 1, "warmup": 0}}
 
 
 def write_search(root: Path, search: dict[str, Any], preset: str = "mlp") -> None:
@@ -60,7 +60,7 @@ def test_the_tiny_search_parses_into_optunas_three_kinds(tmp_path):
     assert search.space == (Dimension("epochs", "int", 2, 4, step=2),
                             Dimension("lr", "float", 0.0001, 0.001, log=True),
                             Dimension("width", "choice", choices=(32, 64)))
-    assert (search.prune_every, search.prune_samples, search.startup_trials) == (1, 100, 1)
+    assert (search.prune_every, search.prune_samples, search.startup_trials, search.warmup) == (1, 100, 1, 0)
     trial = optuna.create_study().ask()
     values = {d.key: d.suggest(trial) for d in search.space}
     assert values["epochs"] in (2, 4) and 0.0001 <= values["lr"] <= 0.001 and values["width"] in (32, 64)
@@ -79,6 +79,7 @@ def test_the_tiny_search_parses_into_optunas_three_kinds(tmp_path):
     ({"space": {"dropout": {"choice": [0.0, 1.0]}}}, "space.dropout reaches a value params.yaml refuses"),
     ({"prune": {"every": 0}}, "prune.every must be an integer >= 1, got 0"),
     ({"prune": {"samples": "many"}}, "prune.samples must be an integer >= 1"),
+    ({"prune": {"warmup": -1}}, "prune.warmup must be an integer >= 0, got -1"),
     ({"prune": {"patience": 3}}, "prune.patience is not a setting"),
 ])
 def test_a_bad_search_file_is_one_line_naming_the_key(tmp_path, changes, message):

@@ -100,6 +100,7 @@ class Search:
     prune_every: int     # epochs between the cheap FIDs the pruner compares
     prune_samples: int   # digits generated (and test digits) per cheap FID
     startup_trials: int  # trials the sampler draws at random, and the pruner lets run, before either learns
+    warmup: int          # epochs of every trial the pruner lets run: an EMA generator's early FIDs lag
 
 
 def _dimension(file: Path, key: str, spec: Any) -> Dimension:
@@ -129,10 +130,13 @@ def _dimension(file: Path, key: str, spec: Any) -> Dimension:
                      None if step is None else number(step))
 
 
-def _positive_int(file: Path, section: dict, key: str) -> int:
-    value = section.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise TuneError(f"{file}: prune.{key} must be an integer >= 1, got {value!r}")
+PRUNE_KEYS = {"every": 1, "samples": 1, "startup_trials": 1, "warmup": 0}  # each setting's least value
+
+
+def _prune_setting(file: Path, section: dict, key: str) -> int:
+    value, least = section.get(key), PRUNE_KEYS[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise TuneError(f"{file}: prune.{key} must be an integer >= {least}, got {value!r}")
     return value
 
 
@@ -147,8 +151,8 @@ def load_search(preset: str, base: dict[str, Any], root: Path = Path()) -> Searc
     raw = yaml.safe_load(file.read_text()) or {}
     if not isinstance(raw, dict) or set(raw) != {"space", "prune"} or not isinstance(raw["space"], dict) \
             or not raw["space"] or not isinstance(raw["prune"], dict):
-        raise TuneError(f"{file}: expected the mappings space (key: its range) and prune (every, samples, "
-                        "startup_trials), and nothing else")
+        raise TuneError(f"{file}: expected the mappings space (key: its range) and prune "
+                        f"({', '.join(PRUNE_KEYS)}), and nothing else")
     space = tuple(_dimension(file, key, spec) for key, spec in raw["space"].items())
     for dim in space:
         for value in dim.extremes():
@@ -157,12 +161,10 @@ def load_search(preset: str, base: dict[str, Any], root: Path = Path()) -> Searc
             except ParamsError as err:
                 raise TuneError(f"{file}: space.{dim.key} reaches a value params.yaml refuses: "
                                 f"{err}") from None
-    unknown = set(raw["prune"]) - {"every", "samples", "startup_trials"}
+    unknown = set(raw["prune"]) - set(PRUNE_KEYS)
     if unknown:
-        raise TuneError(f"{file}: prune.{sorted(unknown)[0]} is not a setting "
-                        "(every, samples, startup_trials)")
-    return Search(preset, space, *(_positive_int(file, raw["prune"], key)
-                                   for key in ("every", "samples", "startup_trials")))
+        raise TuneError(f"{file}: prune.{sorted(unknown)[0]} is not a setting ({', '.join(PRUNE_KEYS)})")
+    return Search(preset, space, *(_prune_setting(file, raw["prune"], key) for key in PRUNE_KEYS))
 
 
 def base_params(preset: str, root: Path = Path()) -> dict[str, Any]:
@@ -204,7 +206,7 @@ def _sampler(search: Search) -> optuna.samplers.TPESampler:
 
 
 def _pruner(search: Search) -> optuna.pruners.MedianPruner:
-    return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials)
+    return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=search.warmup)
 
 
 class Judge:
