@@ -277,7 +277,7 @@ class Objective:
                                train_labels=train_labels, test_labels=test_labels, tracker=tracker,
                                on_epoch=self._pruning(trial, params))
             except optuna.TrialPruned as err:
-                # outside the run's block: inside, any exception ends the run FAILED
+                # raised again after the run's block: raised inside it, it would end the run FAILED
                 pruned = err
                 mlflow.set_tag(STATE_TAG, TrialState.PRUNED.name)
             else:
