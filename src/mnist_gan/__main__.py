@@ -13,7 +13,7 @@ from pathlib import Path
 
 # failures a user can fix: one line on stderr, exit status 2, no traceback; each subcommand imports
 # what it needs itself, so `generate` from a file does not load MLflow
-from mnist_gan.errors import UserError
+from mnist_gan.errors import UserError, log_to_stderr
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"  # tune's study on one machine; a team's is on its PostgreSQL
 
@@ -93,14 +93,12 @@ def _at_least_one(text: str) -> int:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    import logging
-
     from mnist_gan import tuning
 
     study = args.study or args.preset
     if args.apply_best:
         return tuning.apply_best(study, args.storage, args.heartbeat)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     summary, finished = tuning.tune(args.preset, study, args.storage, args.trials, args.workers,
                                     args.heartbeat)
     print(summary)
@@ -216,7 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run `dvc exp run -S ...` with the best trial's params instead of searching")
     tune.set_defaults(run=tune_command)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,14 @@ class UserError(Exception):
     """A failure with a message that says what is wrong and how to fix it."""
 
 
+def log_to_stderr() -> None:
+    """INFO and above on stderr, each line naming its level and logger: the stages' and `tune`'s."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """A DVC stage's entry point: logging to stderr, then `main`; a UserError ends it in one line."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     try:
         main()
     except UserError as err:
