@@ -89,6 +89,34 @@ def test_backward_is_the_gradient_of_dropout_of_the_activation(dropout_kernels):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=activation.name)
 
 
+def test_the_forward_applies_the_activation_before_the_mask(dropout_kernels):
+    # a convolution's output gets its activation from the kernel: act(h) * keep, in place
+    h = torch.randn(40, 30)
+    keep = _keep(dropout_kernels, (40, 30), 0.3, seed=9)
+    for activation, act in {Activation.leaky_relu: lambda v: torch.nn.functional.leaky_relu(v, 0.2),
+                            Activation.relu: torch.relu, Activation.tanh: torch.tanh}.items():
+        out = h.clone()
+        dropout_kernels.dropout_(out, 9, 0.3, activation, 0.2)
+        torch.testing.assert_close(out, act(h) * keep, rtol=1e-6, atol=1e-6, msg=activation.name)
+
+
+def test_a_channels_last_map_is_masked_in_memory_order_and_its_gradient_in_the_same(dropout_kernels):
+    """A conv's channels_last output: element i of memory gets draw i, and the backward takes a
+    gradient of any layout (a Flatten's backward gives a contiguous one) to the output's."""
+    h = torch.randn(8, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = h.clone(memory_format=torch.preserve_format)
+    dropout_kernels.dropout_(out, 3, 0.4, Activation.leaky_relu, 0.2)
+    keep = _keep(dropout_kernels, (8, 5, 5, 6), 0.4, seed=3).permute(0, 3, 1, 2)  # memory order
+    torch.testing.assert_close(out, torch.nn.functional.leaky_relu(h, 0.2) * keep)
+    grad = torch.randn(8, 6, 5, 5)  # contiguous: another layout than out's
+    got = dropout_kernels.dropout_backward(grad, out, 3, 0.4, Activation.leaky_relu, 0.2)
+    same_layout = dropout_kernels.dropout_backward(grad.contiguous(memory_format=torch.channels_last),
+                                                   out, 3, 0.4, Activation.leaky_relu, 0.2)
+    expected = grad * keep * torch.where(h > 0, 1.0, 0.2)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(same_layout, expected)
+
+
 def test_the_kernels_activations_are_the_python_tables():
     assert cpu_dropout._cflags()[-1] == "-DMNIST_GAN_ACTIVATIONS=none=0,relu=1,leaky_relu=2,tanh=3"
 
@@ -113,7 +141,7 @@ def test_a_failed_build_means_no_kernel_and_a_warning(monkeypatch, caplog):
         cpu_dropout.kernels.cache_clear()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "could not build the fused CPU dropout kernel, so on CPU the MLPs train as a plain nn.Sequential: "
+        "could not build the fused CPU dropout kernel, so on CPU the nets train with their plain modules: "
         "the same model and weights, but with nn.Dropout's masks instead of the kernel's, so results "
         "are not bit-identical to the fused path's, and slower: no C++ compiler"]
 
@@ -148,8 +176,8 @@ def test_building_leaves_path_and_logging_as_they_were():
 
 
 def test_bad_tensors_get_a_clear_error(dropout_kernels):
-    with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
-        dropout_kernels.dropout_(torch.ones(4, 6).t(), 1, 0.1)
+    with pytest.raises(RuntimeError, match=r"dense CPU tensor \(contiguous in some memory format\)"):
+        dropout_kernels.dropout_(torch.ones(4, 12)[:, ::2], 1, 0.1)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         dropout_kernels.dropout_(torch.ones(4, 6, dtype=torch.float64), 1, 0.1)
 

@@ -129,6 +129,49 @@ def test_without_the_dropout_kernel_the_mlp_trains_as_nn_sequential(monkeypatch)
     torch.testing.assert_close(model(z), nn.Sequential.forward(model, z), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_discriminator_fuses_leaky_relu_and_dropout_on_its_feature_maps(dropout_kernels, dtype):
+    """Each LeakyReLU + Dropout pair of D's features runs as one in-place kernel on the conv's
+    (channels_last) output: the same forward and gradients as the modules with the kernel's masks,
+    which are drawn from torch's RNG in the modules' order."""
+    torch.manual_seed(0)
+    d = ConvDiscriminator(width=8, dropout=0.3).train().to(memory_format=torch.channels_last)
+    x = torch.randn(16, 784, requires_grad=True)
+
+    def masks_then_modules(x):  # the pair as the modules compute it, with the kernel's mask
+        h = x
+        for module in d.features:
+            if isinstance(module, nn.Dropout):
+                keep = torch.ones_like(h)  # channels_last like h: the mask follows memory order
+                dropout_kernels.dropout_(keep, cpu_dropout.draw_seed(), module.p)
+                h = h * keep
+            else:
+                h = module(h)
+        return d.logit(h).squeeze(-1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        torch.manual_seed(5)
+        fused = _forward_backward(d, d, x, torch.ones(16))
+        torch.manual_seed(5)
+        plain = _forward_backward(masks_then_modules, d, x, torch.ones(16))
+    assert d.features(x.detach()).is_contiguous()  # Flatten's output, from NHWC maps
+    for got, expected in zip([fused[0], fused[1], *fused[2]], [plain[0], plain[1], *plain[2]], strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        else:  # the modules round act(h) and its product with the mask to bf16, the kernel once
+            assert (got.float() - expected.float()).norm() < 0.02 * expected.float().norm()
+
+
+def test_without_the_dropout_kernel_the_conv_discriminator_runs_its_modules(monkeypatch):
+    monkeypatch.setattr(cpu_dropout, "kernels", lambda: None)
+    d = ConvDiscriminator(width=8, dropout=0.5).train()
+    x = torch.randn(10, 784)
+    torch.manual_seed(2)
+    out = d.features(x)
+    torch.manual_seed(2)
+    assert torch.equal(out, nn.Sequential.forward(d.features, x))
+
+
 def test_mlp_rejects_what_it_cannot_fuse_and_runs_a_linear_without_bias():
     with pytest.raises(TypeError, match="module 1 is Sigmoid"):
         MLP(nn.Linear(4, 3), nn.Sigmoid())

@@ -1,4 +1,5 @@
-"""Dropout inside the MLPs' fused CPU layers: a small C++ kernel (dropout.cpp), built on first use.
+"""Dropout inside the fused CPU layers (the MLPs', and the conv discriminator's activation + dropout
+pairs): a small C++ kernel (dropout.cpp), built on first use.
 
 Why by hand: on CPU, the mask of nn.Dropout comes from bernoulli_ on PyTorch's mt19937, which
 runs on one thread. Even cut from 16 bits of full-range int64 draws, drawing the masks,
@@ -13,8 +14,8 @@ saved RNG state replay the masks exactly, as they do nn.Dropout's.
 
 The kernel is compiled once per machine by torch.utils.cpp_extension (about 20 s; the build is
 cached under ~/.cache/torch_extensions). Where it cannot be built (no C++ compiler), `kernels()`
-returns None and the MLPs run as a plain nn.Sequential instead: the same model and weights, but
-nn.Dropout's masks, so not the fused path's results to the bit, and slower.
+returns None and the nets run their modules instead (the MLPs as a plain nn.Sequential): the same
+model and weights, but nn.Dropout's masks, so not the fused path's results to the bit, and slower.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def kernels() -> ModuleType | None:
             from torch.utils import cpp_extension  # imported here, as only CPU training needs it
             return cpp_extension.load_inline(_build_name(source, cflags), source, extra_cflags=cflags)
     except Exception as error:  # noqa: BLE001 - any failure to build means: no fused dropout
-        log.warning("could not build the fused CPU dropout kernel, so on CPU the MLPs train as a plain "
-                    "nn.Sequential: the same model and weights, but with nn.Dropout's masks instead of "
+        log.warning("could not build the fused CPU dropout kernel, so on CPU the nets train with their "
+                    "plain modules: the same model and weights, but with nn.Dropout's masks instead of "
                     "the kernel's, so results are not bit-identical to the fused path's, and slower: %s",
                     error)
         return None
