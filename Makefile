@@ -38,7 +38,7 @@ mutation: venv  ## mutation testing of the core with the fast tests (mutmut): sc
 	OMP_NUM_THREADS=1 mutmut run --max-children $$(nproc) $(MUTANTS)
 	python tests/mutation_report.py $(MUTANTS)
 
-bench: venv  ## compare the training loop's speed with the tutorial's loop
+bench: venv  ## every preset's training loop against a plain eager loop of its nets (and the MLP's against the tutorial's), with its FLOP floor
 	python benchmarks/bench.py
 
 # --- Experiments at team scale (docs/team.md) ---

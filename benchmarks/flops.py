@@ -1,12 +1,13 @@
-"""FLOPs of the two loops' passes, counted from the nets themselves, for any preset.
+"""FLOPs of the benchmarked loops' passes, counted from the nets themselves, for any preset.
 
 Each loop's passes are replayed on the nets of `mnist_gan.models.build_models` with tensors on the
 meta device (shapes only: nothing is computed or allocated) under torch's `FlopCounterMode`, which
 counts every matrix product and convolution that runs, forward and backward, as 2 x its
-multiply-adds. Autograd decides which gradients are computed, so the counts follow what each loop
-asks for: the weight gradients of the nets that train, the input gradients only where something
-upstream needs them. Elementwise work (activations, dropout, batch norm, losses, Adam) is O(B x
-width), a few % here, and not counted.
+multiply-adds, split into matrix products and convolutions (each kind has its own floor: the
+machine's rate at it, benchmarks/machine.py). Autograd decides which gradients are computed, so
+the counts follow what each loop asks for: the weight gradients of the nets that train, the input
+gradients only where something upstream needs them. Elementwise work (activations, dropout, batch
+norm, losses, Adam) is O(B x width), a few % here, and not counted.
 
 For the MLP preset at the defaults (60k/10k images, batch 200, 100-256-256-784 and 784-256-256-1)
 this gives 361 GFLOP per epoch for the project's loop and 484 GFLOP for the tutorial's
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,6 +82,17 @@ def reference_step(generator: GeneratorModel, discriminator: DiscriminatorModel,
     discriminator(generator(z, *g_args), *d_args).sum().backward()
 
 
+def plain_step(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
+    """One training step of the plain eager loop (benchmarks/plain_loop.PlainLoop.step)."""
+    real, z, labels = _batch(generator, rows)
+    d_args, g_args = _labels(discriminator, labels), _labels(generator, labels)
+    fake = generator(z, *g_args)
+    # (1) D step: D on the real batch and on the detached fake, separately; no gradient into either
+    (discriminator(real, *d_args).sum() + discriminator(fake.detach(), *d_args).sum()).backward()
+    # (2) G step: D on the same fake; D's weights still require grad, so it computes their gradients
+    discriminator(fake, *d_args).sum().backward()
+
+
 def evaluation(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
     """The per-epoch evaluation of both loops: D on `rows` test images, G and D on as many samples."""
     real, z, labels = _batch(generator, rows)
@@ -92,21 +105,41 @@ def evaluation(generator: GeneratorModel, discriminator: DiscriminatorModel, row
 # Counting
 # ---------------------------------------------------------------------------------------------
 
-def count(passes: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> int:
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of some passes: in matrix products (aten.mm, addmm) and in convolutions."""
+
+    matmul: int
+    conv: int
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.conv
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(self.matmul + other.matmul, self.conv + other.conv)
+
+    def __mul__(self, n: int) -> Flops:
+        return Flops(self.matmul * n, self.conv * n)
+
+
+def count(passes: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> Flops:
     """FLOPs of running `passes` on `rows` rows."""
     with FlopCounterMode(display=False) as counter:
         passes(generator, discriminator, rows)
-    return counter.get_total_flops()
+    by_op = counter.get_flop_counts()["Global"]  # {aten op: FLOPs}; convolution and its backward
+    conv = sum(n for op, n in by_op.items() if "convolution" in str(op))
+    return Flops(counter.get_total_flops() - conv, conv)
 
 
 def epoch_flops(step: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel,
-                n_train: int, n_test: int, batch_size: int) -> int:
+                n_train: int, n_test: int, batch_size: int) -> Flops:
     """FLOPs of one epoch: the training steps over `n_train` images plus the evaluation.
 
     A last, partial batch counts as a full one: exact where batch_size divides n_train (MNIST's
     60000 at the default 200)."""
     steps = -(-n_train // batch_size)
-    return (steps * count(step, generator, discriminator, batch_size)
+    return (count(step, generator, discriminator, batch_size) * steps
             + count(evaluation, generator, discriminator, n_test))
 
 
@@ -126,12 +159,41 @@ class Gemm:
         return 2 * self.m * self.k * self.n
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's shape and strides (its memory format), without its values."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One convolution op as it ran (aten.convolution or aten.convolution_backward, transposed or
+    not): the op, and its arguments with each tensor replaced by its TensorSpec, to be replayed
+    on real tensors of those shapes and layouts (benchmarks/machine.conv_rate)."""
+
+    op: Any
+    args: tuple
+
+    def call(self, device: torch.device, dtype: torch.dtype) -> Callable[[], Any]:
+        """The op on random tensors of the recorded shapes and strides, in `dtype` on `device`."""
+        args = [torch.empty_strided(a.shape, a.stride, device=device, dtype=dtype).normal_()
+                if isinstance(a, TensorSpec) else a for a in self.args]
+        return lambda: self.op(*args)
+
+
+_CONVS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+
 class _RecordProducts(TorchDispatchMode):
-    """Notes every matrix product (aten.mm, and aten.addmm: a Linear with bias) that runs."""
+    """Notes every matrix product (aten.mm, and aten.addmm: a Linear with bias) and every
+    convolution that runs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gemms: list[Gemm] = []
+        self.convs: list[Conv] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         operands = {torch.ops.aten.mm.default: args[:2], torch.ops.aten.addmm.default: args[1:3]}.get(func)
@@ -139,13 +201,16 @@ class _RecordProducts(TorchDispatchMode):
             a, b = operands
             self.gemms.append(Gemm(a.shape[0], a.shape[1], b.shape[1],
                                    a.stride(0) < a.stride(1), b.stride(0) < b.stride(1)))
+        elif func in _CONVS:
+            self.convs.append(Conv(func, tuple(TensorSpec(tuple(a.shape), a.stride())
+                                               if isinstance(a, torch.Tensor) else a for a in args)))
         return func(*args, **(kwargs or {}))
 
 
-def gemms(passes: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel,
-          rows: int) -> list[Gemm]:
-    """The matrix products of running `passes` on `rows` rows, in order (a conv net's convolutions
-    are not among them): the shapes at which benchmarks/machine.py measures the matmul rate."""
+def products(passes: Passes, generator: GeneratorModel, discriminator: DiscriminatorModel,
+             rows: int) -> tuple[list[Gemm], list[Conv]]:
+    """The matrix products and the convolutions of running `passes` on `rows` rows, in order: the
+    shapes at which benchmarks/machine.py measures the machine's matmul and conv rates."""
     with _RecordProducts() as recorder:
         passes(generator, discriminator, rows)
-    return recorder.gemms
+    return recorder.gemms, recorder.convs

@@ -1,7 +1,8 @@
 """The machine under the benchmark: what it is, how fast it multiplies matrices, and what else uses it.
 
 - `describe`: the CPU (model name, family and model number), cores, the torch build, native bf16;
-- `matmul_rate`: GFLOP/s of a list of matrix products (flops.gemms) run back to back;
+- `matmul_rate`, `conv_rate`: GFLOP/s of the matrix products and of the convolutions of a training
+  step (flops.products), run back to back;
 - `PeakMemory`, `OtherLoad`: context managers around a timed loop: its peak memory, and the share
   of the CPU that other processes took meanwhile.
 
@@ -18,15 +19,16 @@ import gc
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
-    from flops import Gemm
+    from flops import Conv, Gemm
 
 
 def cpuinfo() -> dict[str, str]:
@@ -76,8 +78,7 @@ def sync(device: torch.device) -> None:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, gemms: Sequence[Gemm], seconds: float = 1.0,
                 onednn: bool = False) -> float:
-    """GFLOP/s of running `gemms` back to back, each operand in its recorded layout; the best of
-    3 timed rounds of about `seconds` / 3 each, after a warm-up.
+    """GFLOP/s of running `gemms` back to back, each operand in its recorded layout (`_rate`).
 
     `onednn`: the same products through oneDNN (CPU), as the MLPs' fused layers run them. PyTorch
     sends fp32 matmuls to MKL, which on AMD CPUs runs its AVX2 code path; oneDNN uses AVX-512
@@ -99,6 +100,28 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, gemms: Sequence[Gemm],
         for a, b in operands:
             mm(a, b)
 
+    return _rate(run_once, sum(g.flops for g in gemms), device, seconds)
+
+
+def conv_rate(device: torch.device, dtype: torch.dtype, convs: Sequence[Conv], seconds: float = 1.0) -> float:
+    """GFLOP/s of replaying `convs` (the convolutions, forward and backward, of one training step)
+    back to back, on random tensors of their recorded shapes and memory formats, through PyTorch's
+    own convolution (oneDNN on CPU, cuDNN on CUDA) (`_rate`); their FLOPs as torch's FlopCounterMode
+    counts them."""
+    calls = [conv.call(device, dtype) for conv in convs]
+
+    def run_once() -> None:
+        for call in calls:
+            call()
+
+    with FlopCounterMode(display=False) as counter:
+        run_once()
+    return _rate(run_once, counter.get_total_flops(), device, seconds)
+
+
+def _rate(run_once: Callable[[], None], flops: int, device: torch.device, seconds: float) -> float:
+    """GFLOP/s of `run_once` doing `flops`: the best of 3 timed rounds of about `seconds` / 3 each,
+    after a warm-up that also calibrates the rounds' repetitions."""
     run_once()
     sync(device)
     started = time.perf_counter()
@@ -115,7 +138,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, gemms: Sequence[Gemm],
             run_once()
         sync(device)
         best = min(best, (time.perf_counter() - started) / reps)
-    return sum(g.flops for g in gemms) / best / 1e9
+    return flops / best / 1e9
 
 
 class PeakMemory:

@@ -1,14 +1,15 @@
-"""The two loops timed epoch by epoch, interleaved, in one process.
+"""The project's loop and its baselines timed epoch by epoch, interleaved, in one process.
 
-On a shared VM the speed of both loops drifts by 10-30 % from one minute to the next, which one
-loop after the other turns into a wrong ratio. So the reference loop (the tutorial's) is built
-and run for a warm-up epoch, then each precision of the project's loop runs 1 warm-up epoch plus
-the timed ones, and every timed epoch is followed by one epoch of the reference loop: each ratio
-compares neighbours. An epoch is training + the per-epoch evaluation, in both loops.
+On a shared VM the speed of every loop drifts by 10-30 % from one minute to the next, which one
+loop after the other turns into a wrong ratio. So each baseline (the tutorial's loop, for the MLP;
+the plain eager loop of the preset's nets, benchmarks/plain_loop.py) is built and run for a warm-up
+epoch, then each precision of the project's loop runs 1 warm-up epoch plus the timed ones, and
+every timed epoch is followed by one epoch of each baseline: each ratio compares neighbours. An
+epoch is training + the per-epoch evaluation, in every loop.
 
 How the epochs are interleaved: `Interleave` is train()'s public `on_step(epoch, batch)` hook,
 called before every batch, and keeps its own clock. It does not use the seconds train() records
-per epoch: the hook runs inside train()'s epoch, so those would include the reference epochs.
+per epoch: the hook runs inside train()'s epoch, so those would include the baselines' epochs.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from machine import OtherLoad, PeakMemory, sync
@@ -26,6 +28,15 @@ from reference_loop import build_reference, evaluate, run_epoch
 from mnist_gan.data import load_labelled
 from mnist_gan.params import Params
 from mnist_gan.training import train
+
+
+class Baseline(Protocol):
+    """A loop run one epoch (training + its evaluation) at a time: ReferenceLoop, plain_loop.PlainLoop."""
+
+    setup_seconds: float
+    records: list[dict[str, float]]
+
+    def epoch(self) -> dict[str, float]: ...
 
 
 class ReferenceLoop:
@@ -53,23 +64,24 @@ class ReferenceLoop:
 
 
 class Interleave:
-    """train()'s `on_step` hook: times the project's epochs and runs a reference epoch after each
-    timed one (all but the first, the warm-up).
+    """train()'s `on_step` hook: times the project's epochs and runs an epoch of each baseline after
+    each timed one (all but the first, the warm-up).
 
     An epoch of the project's loop runs from its first batch, `on_step(epoch, 0)`, to the next
     epoch's first batch, or to `finish()`, called once train() has returned: its batches and its
     evaluation (and the next epoch's shuffle, about a millisecond). At each such boundary the clock
-    stops, the reference epoch runs, then the clock starts again, so no reference epoch counts in
-    the project's times.
+    stops, the baselines' epochs run, then the clock starts again, so none of them counts in the
+    project's times.
     CPU seconds (this process's, all threads) complement wall seconds where other processes share
     the cores; with more than one thread they include OpenMP's spin-waiting, so read them as a
     cost, not a time."""
 
-    def __init__(self, reference: ReferenceLoop, device: torch.device) -> None:
-        self.reference, self.device = reference, device
+    def __init__(self, baselines: dict[str, Baseline], device: torch.device) -> None:
+        self.baselines, self.device = baselines, device
         self.seconds: list[float] = []
         self.cpu_seconds: list[float] = []
-        self.reference_records: list[dict[str, float]] = []
+        # baseline name -> the records of its epochs run between this loop's
+        self.baseline_records: dict[str, list[dict[str, float]]] = {name: [] for name in baselines}
         self._started: tuple[float, float] | None = None
 
     def __call__(self, epoch: int, batch: int) -> None:
@@ -86,18 +98,18 @@ class Interleave:
             self.seconds.append(time.perf_counter() - self._started[0])
             self.cpu_seconds.append(time.process_time() - self._started[1])
             if len(self.seconds) > 1:
-                self.reference_records.append(self.reference.epoch())
+                for name, baseline in self.baselines.items():
+                    self.baseline_records[name].append(baseline.epoch())
         self._started = time.perf_counter(), time.process_time()
 
 
-def warm_up_reference(root: Path, params: Params,
-                      device: torch.device) -> tuple[ReferenceLoop, dict[str, Any]]:
-    """The reference loop, built and run for its warm-up epoch; its peak memory is measured here
-    (later epochs allocate only batches)."""
+def warm_up(build: Callable[[], Baseline], device: torch.device) -> tuple[Baseline, dict[str, Any]]:
+    """A baseline, built and run for its warm-up epoch; its peak memory is measured here (later
+    epochs allocate only batches)."""
     with PeakMemory(device) as memory, OtherLoad() as others:
-        reference = ReferenceLoop(root, params, device)
-        reference.epoch()
-    return reference, measured(memory, others)
+        baseline = build()
+        baseline.epoch()
+    return baseline, measured(memory, others)
 
 
 def load_mnist(root: Path,
@@ -111,30 +123,28 @@ def load_mnist(root: Path,
 
 
 def time_project(root: Path, params: Params, device: torch.device, epochs: int, precision: str,
-                 reference: ReferenceLoop) -> dict[str, Any]:
-    """The project's loop for 1 + `epochs` epochs, each timed one followed by a reference epoch."""
+                 baselines: dict[str, Baseline]) -> dict[str, Any]:
+    """The project's loop for 1 + `epochs` epochs, each timed one followed by an epoch of each
+    baseline; `ratio_vs_<name>`: the baseline's epochs run in between over this loop's."""
     with PeakMemory(device) as memory, OtherLoad() as others:
         started = time.perf_counter()
         train_images, test_images, labels = load_mnist(root, device)
         sync(device)
         setup = time.perf_counter() - started
         run = dataclasses.replace(params, epochs=1 + epochs, precision=precision)
-        interleave = Interleave(reference, device)
+        interleave = Interleave(baselines, device)
         result = train(run, train_images, test_images, device, on_step=interleave, **labels)
         interleave.finish()
         records = [{"seconds": seconds, "cpu_seconds": cpu, "p_real": r["p_real"], "p_fake": r["p_fake"]}
                    for r, seconds, cpu in zip(result.history, interleave.seconds, interleave.cpu_seconds,
                                               strict=True)]
         del result, train_images, test_images, labels
-    out = summary("project", precision, setup, records)
-    paired = interleave.reference_records
-    out.update({
-        **measured(memory, others),
-        "reference_epoch_seconds": [r["seconds"] for r in paired],
-        "ratio_vs_reference": statistics.fmean(r["seconds"] for r in paired) / out["mean_epoch_seconds"],
-        "cpu_ratio_vs_reference": (statistics.fmean(r["cpu_seconds"] for r in paired)
-                                   / out["mean_epoch_cpu_seconds"]),
-    })
+    out = {**summary("project", precision, setup, records), **measured(memory, others)}
+    for name, paired in interleave.baseline_records.items():
+        out[f"{name}_epoch_seconds"] = [r["seconds"] for r in paired]
+        out[f"ratio_vs_{name}"] = statistics.fmean(r["seconds"] for r in paired) / out["mean_epoch_seconds"]
+        out[f"cpu_ratio_vs_{name}"] = (statistics.fmean(r["cpu_seconds"] for r in paired)
+                                       / out["mean_epoch_cpu_seconds"])
     return out
 
 
