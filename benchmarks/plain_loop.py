@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 import torch
+from timing import timed_epoch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -86,18 +87,16 @@ class PlainLoop:
             self.ema.update_parameters(generator)
         return loss_d.item(), loss_g.item()
 
-    def epoch(self) -> dict[str, float]:
-        started, cpu_started = time.perf_counter(), time.process_time()
+    def train_epoch(self) -> None:
         self.generator.train()
         self.discriminator.train()
         for idx in torch.randperm(len(self.train_images), device=self.device).split(self.params.batch_size):
             self.step(self.train_images[idx], self.train_labels[idx] if self.conditional else None)
-        trained = time.perf_counter()
-        p_real, p_fake = d_scores(self.generator, self.discriminator, self.test_images, len(self.test_images),
-                                  real_labels=self.test_labels if self.conditional else None)
-        done = time.perf_counter()
-        self.records.append({"seconds": done - started, "train_seconds": trained - started,
-                             "eval_seconds": done - trained,
-                             "cpu_seconds": time.process_time() - cpu_started,
-                             "p_real": p_real, "p_fake": p_fake})
+
+    def epoch(self) -> dict[str, float]:
+        self.records.append(timed_epoch(
+            self.train_epoch,
+            lambda: d_scores(self.generator, self.discriminator, self.test_images, len(self.test_images),
+                             real_labels=self.test_labels if self.conditional else None),
+            self.device))
         return self.records[-1]

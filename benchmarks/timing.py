@@ -50,17 +50,22 @@ class ReferenceLoop:
         self.records: list[dict[str, float]] = []
 
     def epoch(self) -> dict[str, float]:
-        started, cpu_started = time.perf_counter(), time.process_time()
-        run_epoch(self.ref)
-        sync(self.device)
-        trained = time.perf_counter()
-        p_real, p_fake = evaluate(self.ref)
-        done = time.perf_counter()
-        self.records.append({"seconds": done - started, "train_seconds": trained - started,
-                             "eval_seconds": done - trained,
-                             "cpu_seconds": time.process_time() - cpu_started,
-                             "p_real": p_real, "p_fake": p_fake})
+        self.records.append(timed_epoch(lambda: run_epoch(self.ref), lambda: evaluate(self.ref), self.device))
         return self.records[-1]
+
+
+def timed_epoch(train_epoch: Callable[[], None], evaluate_epoch: Callable[[], tuple[float, float]],
+                device: torch.device) -> dict[str, float]:
+    """A baseline's epoch record: `train_epoch`, then `evaluate_epoch` (its p_real, p_fake), timed
+    apart, in wall and CPU seconds."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train_epoch()
+    sync(device)
+    trained = time.perf_counter()
+    p_real, p_fake = evaluate_epoch()
+    done = time.perf_counter()
+    return {"seconds": done - started, "train_seconds": trained - started, "eval_seconds": done - trained,
+            "cpu_seconds": time.process_time() - cpu_started, "p_real": p_real, "p_fake": p_fake}
 
 
 class Interleave:
