@@ -1,6 +1,6 @@
 """Benchmark: every preset's training loop against its baselines, in one process on one machine.
 
-    python benchmarks/bench.py [--preset mlp dcgan cgan] [--epochs N] [--device auto|cpu|cuda]
+    python benchmarks/bench.py [--preset mlp infogan cgan] [--epochs N] [--device auto|cpu|cuda]
                                [--precision fp32 bf16] [--threads N] [--train-images N]
                                [--out benchmarks/results/NAME.json] [--full-gpu-run]
 
@@ -90,7 +90,7 @@ def machine_rates(device: torch.device, params: Params,
     """GFLOP/s at the matrix products and at the convolutions of one project training step, per
     precision (fp32 always; and fp32 matmuls through oneDNN on CPU), and the CPU share other
     processes took meanwhile."""
-    nets = flops.nets(params.model, params.d_noise, params.width)
+    nets = flops.nets(params.model, params.d_noise, params.width, params.codes)
     gemms, convs = flops.products(flops.project_step, *nets, params.batch_size)
     rates: dict[str, dict[str, float]] = {"matmul": {}, "conv": {}}
     with OtherLoad() as others:
@@ -116,7 +116,7 @@ def floor_seconds(work: flops.Flops, rates: dict[str, dict[str, float]], precisi
 def epoch_flops(params: Params, n_train: int, n_test: int) -> dict[str, flops.Flops]:
     """FLOPs per epoch of each loop: the project's and the plain loop's on params' preset, the
     tutorial's on its MLP."""
-    nets = flops.nets(params.model, params.d_noise, params.width)
+    nets = flops.nets(params.model, params.d_noise, params.width, params.codes)
     b = params.batch_size
     counts = {"project": flops.epoch_flops(flops.project_step, *nets, n_train, n_test, b),
               "plain": flops.epoch_flops(flops.plain_step, *nets, n_train, n_test, b)}

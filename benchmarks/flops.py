@@ -34,20 +34,23 @@ Nets = tuple[GeneratorModel, DiscriminatorModel]
 Passes = Callable[[GeneratorModel, DiscriminatorModel, int], None]  # (generator, discriminator, rows)
 
 
-def nets(model: str, d_noise: int, width: int) -> Nets:
-    """A preset's generator and discriminator on the meta device (`model`: mlp | dcgan | cgan)."""
-    return build_models(model, d_noise, width, 0.0, META)
+def nets(model: str, d_noise: int, width: int, codes: int = 0) -> Nets:
+    """A preset's generator and discriminator on the meta device (`model`: mlp | infogan | cgan)."""
+    return build_models(model, d_noise, width, 0.0, META, codes)
 
 
 def _batch(generator: GeneratorModel, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images [rows, 784], z [rows, d_noise] and digit labels [rows], on the meta device."""
+    """Images [rows, 784], z [rows, d_noise] and labels [rows] (digits or codes), on the meta device."""
     return (torch.empty(rows, IMAGE_SIZE, device=META), torch.empty(rows, generator.d_noise, device=META),
             torch.zeros(rows, dtype=torch.long, device=META))
 
 
-def _labels(net: GeneratorModel | DiscriminatorModel, labels: torch.Tensor) -> tuple:
-    """The extra forward argument of a conditional net: the labels; none for an unconditional one."""
-    return (labels,) if net.n_classes else ()
+def _scored(discriminator: DiscriminatorModel, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What a training step takes from D, summed: its logits, plus Q's code logits for an infogan D."""
+    if discriminator.n_codes:
+        logit, code_logits = discriminator.with_code(x)
+        return logit.sum() + code_logits.sum()
+    return discriminator(x, labels).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,45 +63,42 @@ def project_step(generator: GeneratorModel, discriminator: DiscriminatorModel, r
     # (1) D step: G forward without grad; one D pass over real and fake together. Neither input
     # needs a gradient, so D's first layer computes none for its input.
     with torch.no_grad():
-        fake = generator(z, *_labels(generator, labels))
-    both = torch.cat([labels, labels])
-    discriminator(torch.cat([real, fake]), *_labels(discriminator, both)).sum().backward()
+        fake = generator(z, labels)
+    _scored(discriminator, torch.cat([real, fake]), torch.cat([labels, labels])).backward()
     # (2) G step: D's weights are frozen (input gradients only); G computes every weight gradient
     # and every input gradient but z's (a conditional G's first layer also feeds its embedding).
     discriminator.requires_grad_(False)
-    fake = generator(z, *_labels(generator, labels))
-    discriminator(fake, *_labels(discriminator, labels)).sum().backward()
+    fake = generator(z, labels)
+    _scored(discriminator, fake, labels).backward()
     discriminator.requires_grad_(True)
 
 
 def reference_step(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
     """One training step of the tutorial's loop (benchmarks/reference_loop.run_epoch)."""
     real, z, labels = _batch(generator, rows)
-    d_args, g_args = _labels(discriminator, labels), _labels(generator, labels)
     # (1) D step: D on the real batch and on G(z). The fake is not detached, so the backward runs
     # through G as well (its gradients are thrown away by the G step's zero_grad).
-    (discriminator(real, *d_args).sum() + discriminator(generator(z, *g_args), *d_args).sum()).backward()
+    (discriminator(real, labels).sum() + discriminator(generator(z, labels), labels).sum()).backward()
     # (2) G step: D's weights still require grad, so D computes its weight gradients again.
-    discriminator(generator(z, *g_args), *d_args).sum().backward()
+    discriminator(generator(z, labels), labels).sum().backward()
 
 
 def plain_step(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
     """One training step of the plain eager loop (benchmarks/plain_loop.PlainLoop.step)."""
     real, z, labels = _batch(generator, rows)
-    d_args, g_args = _labels(discriminator, labels), _labels(generator, labels)
-    fake = generator(z, *g_args)
+    fake = generator(z, labels)
     # (1) D step: D on the real batch and on the detached fake, separately; no gradient into either
-    (discriminator(real, *d_args).sum() + discriminator(fake.detach(), *d_args).sum()).backward()
+    (discriminator(real, labels).sum() + _scored(discriminator, fake.detach(), labels)).backward()
     # (2) G step: D on the same fake; D's weights still require grad, so it computes their gradients
-    discriminator(fake, *d_args).sum().backward()
+    _scored(discriminator, fake, labels).backward()
 
 
 def evaluation(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:
     """The per-epoch evaluation of both loops: D on `rows` test images, G and D on as many samples."""
     real, z, labels = _batch(generator, rows)
     with torch.no_grad():
-        discriminator(real, *_labels(discriminator, labels))
-        discriminator(generator(z, *_labels(generator, labels)), *_labels(discriminator, labels))
+        discriminator(real, labels)
+        discriminator(generator(z, labels), labels)
 
 
 # ---------------------------------------------------------------------------------------------

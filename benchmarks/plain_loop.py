@@ -23,8 +23,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mnist_gan import models
+from mnist_gan.losses import info_loss
 from mnist_gan.params import Params
-from mnist_gan.training import d_scores
+from mnist_gan.training import code_prior, d_scores
 
 
 def plain_nets(params: Params, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -32,7 +33,8 @@ def plain_nets(params: Params, device: torch.device) -> tuple[nn.Module, nn.Modu
     turned back into the nn.Sequential they subclass, and NCHW weights: the same modules, weights
     and state_dict, run as PyTorch runs them."""
     torch.manual_seed(params.seed)
-    nets = models.build_models(params.model, params.d_noise, params.width, params.dropout, device)
+    nets = models.build_models(params.model, params.d_noise, params.width, params.dropout, device,
+                               params.codes)
     for net in nets:
         net.to(memory_format=torch.contiguous_format)
         for module in net.modules():
@@ -53,6 +55,7 @@ class PlainLoop:
         self.train_labels, self.test_labels = labels["train_labels"], labels["test_labels"]
         self.generator, self.discriminator = plain_nets(params, device)
         self.conditional = self.generator.n_classes > 0
+        self.coded = self.generator.n_codes > 0
         if self.conditional:
             self.generator.label_prior.copy_(torch.bincount(self.train_labels, minlength=models.N_CLASSES)
                                              / len(self.train_labels))
@@ -70,28 +73,38 @@ class PlainLoop:
         generator, discriminator, m = self.generator, self.discriminator, len(real)
         ones, zeros = torch.ones(m, device=self.device), torch.zeros(m, device=self.device)
         fake_labels = (torch.multinomial(generator.label_prior, m, replacement=True)
-                       if self.conditional else None)
+                       if self.conditional or self.coded else None)
         fake = generator(torch.randn(m, self.params.d_noise, device=self.device), fake_labels)
 
         self.opt_d.zero_grad()
         loss_d = (self.criterion(discriminator(real, labels), ones)
-                  + self.criterion(discriminator(fake.detach(), fake_labels), zeros))
+                  + self.fake_loss(fake.detach(), fake_labels, zeros))
         loss_d.backward()
         self.opt_d.step()
 
         self.opt_g.zero_grad()
-        loss_g = self.criterion(discriminator(fake, fake_labels), ones)
+        loss_g = self.fake_loss(fake, fake_labels, ones)
         loss_g.backward()
         self.opt_g.step()
         if self.ema is not None:
             self.ema.update_parameters(generator)
         return loss_d.item(), loss_g.item()
 
+    def fake_loss(self, fake: torch.Tensor, fake_labels: torch.Tensor | None,
+                  target: torch.Tensor) -> torch.Tensor:
+        """BCE of D's logits of `fake` against `target`, plus InfoGAN's code loss for an infogan D."""
+        if not self.coded:
+            return self.criterion(self.discriminator(fake, fake_labels), target)
+        logit, code_logits = self.discriminator.with_code(fake)
+        return self.criterion(logit, target) + info_loss(code_logits, fake_labels, self.params.info_weight)
+
     def train_epoch(self) -> None:
         self.generator.train()
         self.discriminator.train()
         for idx in torch.randperm(len(self.train_images), device=self.device).split(self.params.batch_size):
             self.step(self.train_images[idx], self.train_labels[idx] if self.conditional else None)
+        if self.coded:  # the project's prior estimate, as the project's loop does it
+            self.generator.label_prior.copy_(code_prior(self.discriminator, self.train_images))
 
     def epoch(self) -> dict[str, float]:
         self.records.append(timed_epoch(

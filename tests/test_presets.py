@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from mnist_gan.classifier import train_classifier
 from mnist_gan.composition import CompositionError, compose
 from mnist_gan.data import to_model_input
+from mnist_gan.losses import info_loss
+from mnist_gan.losses import loss_d as loss_d_paper
+from mnist_gan.losses import loss_g as loss_g_paper
 from mnist_gan.models import ConvGenerator, build_models, load_model, save_model
 from mnist_gan.params import MODELS, ParamsError, parse_params
 from mnist_gan.quality import quality_metrics
-from mnist_gan.training import latents, sample, train
+from mnist_gan.training import TrainState, code_prior, d_step, g_step, latents, sample, train
 from tests.helpers import REPO, TRAINED, raw_params, synthetic_digits
 
 CPU = torch.device("cpu")
+
+
+def preset(model: str) -> dict[str, object]:
+    """The keys conf/model/<model>.yaml sets that shape the nets and their losses."""
+    values = yaml.safe_load((REPO / f"conf/model/{model}.yaml").read_text())
+    return {key: values[key] for key in ("model", "dropout", "codes", "info_weight")}
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +59,12 @@ def test_a_model_brings_its_values_and_set_params_override_them():
     mlp = parse_params(yaml.safe_load(compose(REPO, ["lr=0.0001"])))
     assert dataclasses.replace(mlp, lr=2e-4) == parse_params(raw_params())
     with pytest.raises(CompositionError, match=r"Could not find 'model/gan2' Available options in 'model': "
-                                               r"cgan dcgan mlp$"):
+                                               r"cgan infogan mlp$"):
         compose(REPO, ["model=gan2"])
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, dcgan, cgan \(the files of"),
+    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, infogan, cgan \(the files of"),
     ({"ema": 1.0}, r"'ema' = 1.0 is invalid"),
     ({"beta1": -0.5}, r"'beta1' = -0.5 is invalid"),
 ])
@@ -62,9 +73,9 @@ def test_bad_model_params_are_clear_errors(change, message):
         parse_params(raw_params() | change)
 
 
-@pytest.mark.parametrize("model", ["mlp", "dcgan", "cgan"])
+@pytest.mark.parametrize("model", ["mlp", "infogan", "cgan"])
 def test_each_preset_trains_and_evaluates(model, data, tiny_params):
-    params = dataclasses.replace(tiny_params, model=model, epochs=2, batch_size=50, width=8, ema=0.9)
+    params = dataclasses.replace(tiny_params, **preset(model), epochs=2, batch_size=50, width=8, ema=0.9)
     result = train(params, device=CPU, **data)
     assert [r["epoch"] for r in result.history] == [1, 2]
     with torch.no_grad():  # the last record scores the trained D on the test images (and their labels)
@@ -83,7 +94,7 @@ def test_each_preset_trains_and_evaluates(model, data, tiny_params):
 
 
 def test_ema_is_the_average_of_the_trained_weights(data, tiny_params):
-    params = dataclasses.replace(tiny_params, model="dcgan", epochs=1, batch_size=50, width=8, ema=0.5)
+    params = dataclasses.replace(tiny_params, **preset("infogan"), epochs=1, batch_size=50, width=8, ema=0.5)
     result = train(params, device=CPU, **data)
     averaged, trained = result.ema.state_dict(), result.generator.state_dict()
     assert set(averaged) == set(trained)  # batch-norm statistics are averaged too
@@ -156,7 +167,7 @@ def test_conditional_generator_depends_on_the_label_and_requires_it():
 
 
 def test_asking_an_unconditional_generator_for_a_digit_is_a_clear_error():
-    generator, _ = build_models("dcgan", 100, 8, 0.0, CPU)
+    generator, _ = build_models("infogan", 100, 8, 0.0, CPU, codes=10)
     with pytest.raises(ValueError, match="unconditional .* train model=cgan"):
         latents(generator, 5, CPU, digit=3)
 
@@ -170,3 +181,76 @@ def test_cgan_samples_digits_with_the_training_sets_class_frequencies(data, tiny
         assert torch.equal(generator.label_prior, expected)
     _, labels = latents(result.sampler, 20_000, CPU, torch.Generator().manual_seed(0))
     torch.testing.assert_close(torch.bincount(labels, minlength=10) / 20_000, expected, atol=0.01, rtol=0)
+
+
+# --- infogan: the code, its head Q and its losses ---------------------------------------------------------
+def test_info_loss_is_the_weighted_cross_entropy_of_q_on_the_codes():
+    # Q unsure between all 10 codes: CE = log 10, whatever the code; certain of the right one: ~0
+    unsure, codes = torch.zeros(4, 10), torch.tensor([0, 3, 3, 9])
+    assert info_loss(unsure, codes, 2.5).item() == pytest.approx(2.5 * math.log(10))
+    assert info_loss(10_000 * F.one_hot(codes, 10).float(), codes, 1.0).item() == 0
+    assert info_loss(unsure, codes, 0.0).item() == 0
+
+
+@pytest.fixture
+def infogan_params(tiny_params):
+    # no dropout: the steps' only random draws are then the codes and z, which the tests replay
+    return dataclasses.replace(tiny_params, **preset("infogan") | {"dropout": 0.0}, width=8, batch_size=50,
+                               ema=0.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.5])
+def test_infogan_steps_add_the_weighted_code_loss_to_the_paper_losses(infogan_params, data, weight):
+    params = dataclasses.replace(infogan_params, info_weight=weight)
+    real = data["train_images"][:50]
+
+    def replay(first: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fresh state's nets on the draws of a step: (D's logits, Q's code logits) of real and
+        G(z, codes), and the codes; d_step draws the codes `first`, g_step z."""
+        state = TrainState.start(params, CPU, None)
+        torch.manual_seed(7)
+        if first == "codes":
+            codes, z = torch.randint(10, (50,)), torch.randn(50, 100)
+        else:
+            z, codes = torch.randn(50, 100), torch.randint(10, (50,))
+        logits, code_logits = state.discriminator.with_code(torch.cat([real, state.generator(z, codes)]))
+        return logits, code_logits, codes
+
+    state = TrainState.start(params, CPU, None)
+    torch.manual_seed(7)
+    loss_d = d_step(state, real, None)
+    logits, code_logits, codes = replay("codes")
+    expected = loss_d_paper(logits[:50], logits[50:]) + weight * F.cross_entropy(code_logits[50:], codes)
+    assert loss_d.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert F.cross_entropy(code_logits[50:], codes).item() > 1  # an untrained Q: the term is not 0
+
+    state = TrainState.start(params, CPU, None)
+    torch.manual_seed(7)
+    loss_g = g_step(state, 50, CPU)
+    logits, code_logits, codes = replay("z")
+    expected = loss_g_paper(logits[50:]) + weight * F.cross_entropy(code_logits[50:], codes)
+    assert loss_g.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_code_prior_is_the_share_of_training_images_q_assigns_each_code(infogan_params, data):
+    result = train(dataclasses.replace(infogan_params, epochs=1, ema=0.9), device=CPU, **data)
+    expected = code_prior(result.discriminator, data["train_images"])
+    assert expected.sum().item() == pytest.approx(1)
+    for generator in (result.generator, result.sampler):  # the average samples with Q's latest reading
+        assert torch.equal(generator.label_prior, expected)
+    rigged = result.discriminator
+    with torch.no_grad():  # a Q that reads every image as code 3
+        rigged.q.weight.zero_()
+        rigged.q.bias.copy_(F.one_hot(torch.tensor(3), 10).float())
+    assert code_prior(rigged, data["train_images"]).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_infogan_never_reads_a_label(infogan_params, data):
+    params = dataclasses.replace(infogan_params, epochs=1)
+    with_labels = train(params, device=CPU, **data)
+    scrambled = data | {"train_labels": data["train_labels"].flip(0), "test_labels": data["test_labels"] * 0}
+    without = train(params, device=CPU, **scrambled)
+    for x, y in zip(with_labels.generator.state_dict().values(), without.generator.state_dict().values(),
+                    strict=True):
+        assert torch.equal(x, y)
+    assert with_labels.history[-1]["p_real"] == without.history[-1]["p_real"]

@@ -45,9 +45,11 @@ def generate_command(args: argparse.Namespace) -> int:
     from mnist_gan.generate import check_output, generate, resolve_generator, sampling_device, write_samples
 
     check_output(args.out)
-    images = generate(resolve_generator(args.model, sampling_device()), args.n, args.seed, args.digit)
+    images = generate(resolve_generator(args.model, sampling_device()), args.n, args.seed, args.digit,
+                      args.code)
     write_samples(images, args.out)
-    what = "random digits" if args.digit is None else f"digit {args.digit}"
+    what = ("random digits" if args.digit is None and args.code is None
+            else f"digit {args.digit}" if args.code is None else f"code {args.code}")
     print(f"wrote {args.out}: {args.n} samples ({what}, seed {args.seed}) of {args.model}")
     return 0
 
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--n", type=int, default=64, help="number of samples (default: 64)")
     gen.add_argument("--digit", type=int, choices=range(10), metavar="0-9",
                      help="the digit to draw (conditional models: model=cgan)")
+    gen.add_argument("--code", type=int, metavar="K",
+                     help="the learnt category to draw, 0 to codes-1 (model=infogan; the README's "
+                          "Presets show what each code of a run draws)")
     gen.add_argument("--seed", type=int, default=0, help="seed of z and labels (default: 0)")
     gen.add_argument("--out", type=Path, default=Path("samples.png"),
                      help="a .png grid or a .npy uint8 array [N, 28, 28] (default: samples.png)")

@@ -77,14 +77,16 @@ def _load_generator(path: Path, device: torch.device, source: str) -> GeneratorM
     return model
 
 
-def generate(generator: GeneratorModel, n: int, seed: int, digit: int | None = None) -> torch.Tensor:
-    """n images [n, 784] in [-1, 1]; the same generator and seed give the same images."""
+def generate(generator: GeneratorModel, n: int, seed: int, digit: int | None = None,
+             code: int | None = None) -> torch.Tensor:
+    """n images [n, 784] in [-1, 1], of `digit` (conditional generators) or `code` (infogan ones) if
+    given; the same generator and seed give the same images."""
     if n < 1:
         raise GenerateError(f"n, the number of images, must be >= 1; got {n}")
     device = next(generator.parameters()).device
     rng = torch.Generator(device).manual_seed(seed)
     try:
-        z, labels = latents(generator, n, device, rng, digit=digit)
+        z, labels = latents(generator, n, device, rng, digit=digit, code=code)
     except ValueError as err:
         raise GenerateError(str(err)) from None
     return sample(generator, z, labels)

@@ -1,12 +1,14 @@
 """The generator and discriminator of each preset (params `model`).
 
 - mlp: the tutorial's vanilla GAN, two MLPs over flattened 28x28 images;
-- dcgan: small convolutional nets for 28x28 (Radford et al. 2015);
-- cgan: the dcgan nets conditioned on the digit's label.
+- cgan: small convolutional nets for 28x28 (Radford et al. 2015) conditioned on the digit's label;
+- infogan: the same nets without labels, G fed a categorical code it learns to make meaningful
+  (Chen et al. 2016): D gains a head Q that predicts the code from D's features.
 
-Every net takes and returns flat images [B, 784] in [-1, 1], and `labels` [B]
-(int64 digits), which a conditional net requires and an unconditional one ignores, so
-callers need not know which kind they hold. Discriminators return *logits*;
+Every net takes and returns flat images [B, 784] in [-1, 1], and `labels` [B] (int64), G's
+categorical input: the digits of a conditional net (which its D takes too) or the code of an
+infogan G (which its D ignores: it sees no labels); nets without one ignore them, so callers need
+not know which kind they hold. Discriminators return *logits*;
 D(x) = sigmoid(logit): the tutorial's last Sigmoid is moved into the losses so
 they can be computed in a numerically stable form.
 """
@@ -208,7 +210,7 @@ class ConvStack(nn.Sequential):
 class Generator(nn.Module):
     """mlp: z [B, d_noise] -> image [B, 784] in [-1, 1]."""
 
-    n_classes = 0  # unconditional
+    n_classes = n_codes = 0  # unconditional, no code
 
     def __init__(self, d_noise: int = 100, width: int = 256, dropout: float = 0.1):
         super().__init__()
@@ -228,7 +230,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """mlp: image [B, 784] -> logit [B] of the probability that the image is real."""
 
-    n_classes = 0
+    n_classes = n_codes = 0
 
     def __init__(self, width: int = 256, dropout: float = 0.1):
         super().__init__()
@@ -245,26 +247,31 @@ class Discriminator(nn.Module):
 
 
 class ConvGenerator(nn.Module):
-    """dcgan/cgan: z [B, d_noise] (and labels [B] if n_classes) -> image [B, 784] in [-1, 1].
+    """cgan/infogan: z [B, d_noise] (and labels [B]: digits if n_classes, codes if n_codes) ->
+    image [B, 784] in [-1, 1].
 
     z is projected to 2w x 7 x 7, then two stride-2 transposed convs upsample to 14x14
-    (w channels) and 28x28 (1 channel); batch norm and ReLU in between, Tanh out. When
-    conditional, the label's learnt embedding is appended to z (Mirza & Osindero 2014).
-    Appended, not multiplied: a product let training shrink z's scale per digit
-    (measured: most embedding entries fell below 0.3), which cost sample diversity.
+    (w channels) and 28x28 (1 channel); batch norm and ReLU in between, Tanh out. The label's
+    (or code's) learnt embedding is appended to z (Mirza & Osindero 2014). Appended, not
+    multiplied: a product let training shrink z's scale per digit (measured: most embedding
+    entries fell below 0.3), which cost sample diversity.
     """
 
-    def __init__(self, d_noise: int = 100, width: int = 32, n_classes: int = 0):
+    def __init__(self, d_noise: int = 100, width: int = 32, n_classes: int = 0, n_codes: int = 0):
         super().__init__()
-        self.d_noise, self.n_classes = d_noise, n_classes
-        self.config = {"d_noise": d_noise, "width": width, "n_classes": n_classes}
-        self.embed = nn.Embedding(n_classes, n_classes) if n_classes else None
-        if n_classes:
-            # p(y) of the training set, set by training and saved with the weights: what
-            # "a random digit" means when sampling (training.random_labels)
-            self.register_buffer("label_prior", torch.full((n_classes,), 1 / n_classes))
+        if n_classes and n_codes:
+            raise ValueError("a generator takes digit labels or a learnt code, not both")
+        self.d_noise, self.n_classes, self.n_codes = d_noise, n_classes, n_codes
+        self.config = {"d_noise": d_noise, "width": width, "n_classes": n_classes, "n_codes": n_codes}
+        categories = n_classes or n_codes
+        self.embed = nn.Embedding(categories, categories) if categories else None
+        if categories:
+            # p(label) for sampling, saved with the weights: the training set's digit frequencies
+            # (cgan), or the code's as Q assigns the training images to codes (infogan), each set by
+            # training; what "a random digit" (or code) means when sampling (training.random_labels)
+            self.register_buffer("label_prior", torch.full((categories,), 1 / categories))
         self.project = nn.Sequential(
-            nn.Linear(d_noise + n_classes, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7),
+            nn.Linear(d_noise + categories, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7),
             nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)))
         self.upsample = nn.Sequential(
             nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1, bias=False),
@@ -278,29 +285,43 @@ class ConvGenerator(nn.Module):
 
 
 class ConvDiscriminator(nn.Module):
-    """dcgan/cgan: image [B, 784] (and labels [B] if n_classes) -> logit [B].
+    """cgan/infogan: image [B, 784] (and labels [B] if n_classes) -> logit [B].
 
     Two stride-2 convs (w, 2w channels) with LeakyReLU(0.2) and dropout, then a linear
     logit. When conditional, the logit gains the inner product of the features with
-    the label's embedding: the projection discriminator (Miyato & Koyama 2018).
+    the label's embedding: the projection discriminator (Miyato & Koyama 2018). With n_codes,
+    a head Q on the same features predicts the code a fake was drawn with (`with_code`).
     """
 
-    def __init__(self, width: int = 32, n_classes: int = 0, dropout: float = 0.0):
+    def __init__(self, width: int = 32, n_classes: int = 0, dropout: float = 0.0, n_codes: int = 0):
         super().__init__()
-        self.n_classes = n_classes
-        self.config = {"width": width, "n_classes": n_classes, "dropout": dropout}
+        self.n_classes, self.n_codes = n_classes, n_codes
+        self.config = {"width": width, "n_classes": n_classes, "dropout": dropout, "n_codes": n_codes}
+        features = 2 * width * 7 * 7
         self.features = ConvStack(
             nn.Unflatten(1, (1, 28, 28)),
             nn.Conv2d(1, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Flatten())
-        self.logit = nn.Linear(2 * width * 7 * 7, 1)
-        self.embed = nn.Embedding(n_classes, 2 * width * 7 * 7) if n_classes else None
+        self.logit = nn.Linear(features, 1)
+        self.embed = nn.Embedding(n_classes, features) if n_classes else None
         if self.embed is not None:
             nn.init.zeros_(self.embed.weight)  # start as the unconditional D
+        # linear, as D's logit is: a hidden layer of 128 (the paper's Q) would add a quarter to D's
+        # multiply-adds per image (3136 x 128 against D's 1.7 M)
+        self.q = nn.Linear(features, n_codes) if n_codes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._logit(self.features(x), labels)
+
+    def with_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit [B], Q's code logits [B, n_codes]) of `x`, from one pass of the features."""
+        if self.q is None:
+            raise ValueError("this discriminator has no code head: only model infogan learns a code")
         h = self.features(x)
+        return self._logit(h, None), self.q(h)
+
+    def _logit(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         logit = self.logit(h).squeeze(-1)
         if self.embed is not None:
             logit = logit + (self.embed(_required(labels)) * h).sum(-1)
@@ -327,14 +348,15 @@ DiscriminatorModel = Discriminator | ConvDiscriminator
 _CLASSES = {cls.__name__: cls for cls in (Generator, Discriminator, ConvGenerator, ConvDiscriminator)}
 
 
-def build_models(model: str, d_noise: int, width: int, dropout: float,
-                 device: torch.device) -> tuple[GeneratorModel, DiscriminatorModel]:
-    """The preset's generator and discriminator (params `model`, validated)."""
+def build_models(model: str, d_noise: int, width: int, dropout: float, device: torch.device,
+                 codes: int = 0) -> tuple[GeneratorModel, DiscriminatorModel]:
+    """The preset's generator and discriminator (params `model` and `codes`, validated)."""
     if model == "mlp":
         pair = Generator(d_noise, width, dropout), Discriminator(width, dropout)
     else:
         n_classes = N_CLASSES if model in CONDITIONAL else 0
-        pair = ConvGenerator(d_noise, width, n_classes), ConvDiscriminator(width, n_classes, dropout)
+        pair = (ConvGenerator(d_noise, width, n_classes, codes),
+                ConvDiscriminator(width, n_classes, dropout, codes))
         # conv weights channels_last, so the convs run on NHWC feature maps: oneDNN's input-gradient
         # convolution at these shapes takes 3x as long in NCHW, and a cgan training step on CPU went
         # from 42 to 35 ms (measured on an AMD EPYC Zen 4); cuDNN prefers NHWC too
