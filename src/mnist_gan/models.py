@@ -304,7 +304,8 @@ class ConvDiscriminator(nn.Module):
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Dropout(dropout),
             nn.Flatten())
         self.logit = nn.Linear(features, 1)
-        self.embed = nn.Embedding(n_classes, features) if n_classes else None
+        categories = n_classes or n_codes
+        self.embed = nn.Embedding(categories, features) if categories else None
         if self.embed is not None:
             nn.init.zeros_(self.embed.weight)  # start as the unconditional D
         # linear, as D's logit is: a hidden layer of 128 (the paper's Q) would add a quarter to D's
@@ -312,14 +313,19 @@ class ConvDiscriminator(nn.Module):
         self.q = nn.Linear(features, n_codes) if n_codes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.q is not None:
+            return self.with_code(x)[0]
         return self._logit(self.features(x), labels)
 
     def with_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logit [B], Q's code logits [B, n_codes]) of `x`, from one pass of the features."""
+        """(logit [B], Q's code logits [B, n_codes]) of `x`, from one pass of the features. The logit
+        projects the features onto the embedding of the code Q reads in `x` (real or fake alike), so
+        D is a function of the image alone, with cgan's projection on a label of its own reading."""
         if self.q is None:
             raise ValueError("this discriminator has no code head: only model infogan learns a code")
         h = self.features(x)
-        return self._logit(h, None), self.q(h)
+        code_logits = self.q(h)
+        return self._logit(h, code_logits.argmax(1)), code_logits
 
     def _logit(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         logit = self.logit(h).squeeze(-1)
