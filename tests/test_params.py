@@ -151,7 +151,7 @@ def test_a_code_belongs_to_infogan_and_has_at_least_two_categories(model, key, v
     with pytest.raises(ParamsError) as error:
         parse_params(raw_params(**base | {key: value}))
     assert str(error.value) == f"'{key}' = {value!r} is invalid: {allowed}"
-    assert parse_params(raw_params(**infogan | {"codes": 2, "info_weight": 0.0})).codes == 2  # bounds accepted
+    assert parse_params(raw_params(**infogan | {"codes": 2, "info_weight": 0.0})).codes == 2  # accepted
 
 
 @pytest.mark.parametrize("key, value, allowed", MESSAGES, ids=[m[0] for m in MESSAGES])
