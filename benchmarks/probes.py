@@ -45,10 +45,6 @@ def truncated_normal(n: int, d: int, t: float, rng: torch.Generator) -> torch.Te
     return z
 
 
-def labels_for(generator, n: int, rng: torch.Generator) -> torch.Tensor | None:
-    return latents(generator, n, torch.device("cpu"), rng)[1]
-
-
 @torch.no_grad()
 def train_mode_samples(generator, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Samples with batch norm in training mode, batch by batch; running statistics restored."""
