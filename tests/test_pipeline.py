@@ -149,7 +149,7 @@ def test_experiments_record_the_real_params_of_their_model(repo):
     assert shown["mlp-lr"]["eval"] == shown["cgan-1"]["eval"] == {"seed": 1234, "n_samples": 200}
     diff = json.loads(run(["dvc", "params", "diff", "cgan-1", "mlp-lr", "--json"], repo, pipeline_env()))
     assert {key: (change["old"], change["new"]) for key, change in diff["params.yaml"].items()} == {
-        key: (cgan[key], mlp[key]) for key in TRAINED}
+        key: (cgan[key], mlp[key]) for key in TRAINED if cgan[key] != mlp[key]}  # both learn no code
 
 
 def test_evaluate_and_plot_rerun_in_a_store_without_the_training_run(repo, tmp_path):
