@@ -1,6 +1,6 @@
 """Benchmark: every preset's training loop against its baselines, in one process on one machine.
 
-    python benchmarks/bench.py [--preset mlp infogan cgan] [--epochs N] [--device auto|cpu|cuda]
+    python benchmarks/bench.py [--preset mlp selfcond cgan] [--epochs N] [--device auto|cpu|cuda]
                                [--precision fp32 bf16] [--threads N] [--train-images N]
                                [--out benchmarks/results/NAME.json] [--full-gpu-run]
 

@@ -35,7 +35,7 @@ Passes = Callable[[GeneratorModel, DiscriminatorModel, int], None]  # (generator
 
 
 def nets(model: str, d_noise: int, width: int, codes: int = 0) -> Nets:
-    """A preset's generator and discriminator on the meta device (`model`: mlp | infogan | cgan)."""
+    """A preset's generator and discriminator on the meta device (`model`: mlp | selfcond | cgan)."""
     return build_models(model, d_noise, width, 0.0, META, codes)
 
 
@@ -43,14 +43,6 @@ def _batch(generator: GeneratorModel, rows: int) -> tuple[torch.Tensor, torch.Te
     """Images [rows, 784], z [rows, d_noise] and labels [rows] (digits or codes), on the meta device."""
     return (torch.empty(rows, IMAGE_SIZE, device=META), torch.empty(rows, generator.d_noise, device=META),
             torch.zeros(rows, dtype=torch.long, device=META))
-
-
-def _scored(discriminator: DiscriminatorModel, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """What a training step takes from D, summed: its logits, plus Q's code logits for an infogan D."""
-    if discriminator.n_codes:
-        logit, code_logits = discriminator.with_code(x)
-        return logit.sum() + code_logits.sum()
-    return discriminator(x, labels).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,12 +56,12 @@ def project_step(generator: GeneratorModel, discriminator: DiscriminatorModel, r
     # needs a gradient, so D's first layer computes none for its input.
     with torch.no_grad():
         fake = generator(z, labels)
-    _scored(discriminator, torch.cat([real, fake]), torch.cat([labels, labels])).backward()
+    discriminator(torch.cat([real, fake]), torch.cat([labels, labels])).sum().backward()
     # (2) G step: D's weights are frozen (input gradients only); G computes every weight gradient
     # and every input gradient but z's (a conditional G's first layer also feeds its embedding).
     discriminator.requires_grad_(False)
     fake = generator(z, labels)
-    _scored(discriminator, fake, labels).backward()
+    discriminator(fake, labels).sum().backward()
     discriminator.requires_grad_(True)
 
 
@@ -88,9 +80,9 @@ def plain_step(generator: GeneratorModel, discriminator: DiscriminatorModel, row
     real, z, labels = _batch(generator, rows)
     fake = generator(z, labels)
     # (1) D step: D on the real batch and on the detached fake, separately; no gradient into either
-    (discriminator(real, labels).sum() + _scored(discriminator, fake.detach(), labels)).backward()
+    (discriminator(real, labels).sum() + discriminator(fake.detach(), labels).sum()).backward()
     # (2) G step: D on the same fake; D's weights still require grad, so it computes their gradients
-    _scored(discriminator, fake, labels).backward()
+    discriminator(fake, labels).sum().backward()
 
 
 def evaluation(generator: GeneratorModel, discriminator: DiscriminatorModel, rows: int) -> None:

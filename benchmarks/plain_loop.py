@@ -22,10 +22,9 @@ from timing import timed_epoch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from mnist_gan import models
-from mnist_gan.losses import info_loss
+from mnist_gan import clusters, models
 from mnist_gan.params import Params
-from mnist_gan.training import code_prior, d_scores
+from mnist_gan.training import d_scores
 
 
 def plain_nets(params: Params, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -54,10 +53,16 @@ class PlainLoop:
         self.train_images, self.test_images = train_images, test_images
         self.train_labels, self.test_labels = labels["train_labels"], labels["test_labels"]
         self.generator, self.discriminator = plain_nets(params, device)
-        self.conditional = self.generator.n_classes > 0
-        self.coded = self.generator.n_codes > 0
-        if self.conditional:
-            self.generator.label_prior.copy_(torch.bincount(self.train_labels, minlength=models.N_CLASSES)
+        if self.generator.n_codes:  # the project's clusters stand for the labels, as its loop does it
+            points = clusters.features(train_images)
+            self.discriminator.centroids.copy_(clusters.kmeans(points, params.codes, params.seed))
+            self.train_labels = clusters.assign(points, self.discriminator.centroids)
+        # a selfcond D codes the test images itself; only a cgan's D is given their digits
+        self.test_labels = self.test_labels if self.generator.n_classes else None
+        self.labelled = bool(self.generator.n_classes or self.generator.n_codes)
+        if self.labelled:
+            categories = self.generator.n_classes or self.generator.n_codes
+            self.generator.label_prior.copy_(torch.bincount(self.train_labels, minlength=categories)
                                              / len(self.train_labels))
         betas = (params.beta1, 0.999)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=params.lr, betas=betas)
@@ -72,44 +77,33 @@ class PlainLoop:
         """One D update and one G update on a real batch; both losses, read with .item()."""
         generator, discriminator, m = self.generator, self.discriminator, len(real)
         ones, zeros = torch.ones(m, device=self.device), torch.zeros(m, device=self.device)
-        fake_labels = (torch.multinomial(generator.label_prior, m, replacement=True)
-                       if self.conditional or self.coded else None)
+        fake_labels = torch.multinomial(generator.label_prior, m, replacement=True) if self.labelled else None
         fake = generator(torch.randn(m, self.params.d_noise, device=self.device), fake_labels)
 
         self.opt_d.zero_grad()
         loss_d = (self.criterion(discriminator(real, labels), ones)
-                  + self.fake_loss(fake.detach(), fake_labels, zeros))
+                  + self.criterion(discriminator(fake.detach(), fake_labels), zeros))
         loss_d.backward()
         self.opt_d.step()
 
         self.opt_g.zero_grad()
-        loss_g = self.fake_loss(fake, fake_labels, ones)
+        loss_g = self.criterion(discriminator(fake, fake_labels), ones)
         loss_g.backward()
         self.opt_g.step()
         if self.ema is not None:
             self.ema.update_parameters(generator)
         return loss_d.item(), loss_g.item()
 
-    def fake_loss(self, fake: torch.Tensor, fake_labels: torch.Tensor | None,
-                  target: torch.Tensor) -> torch.Tensor:
-        """BCE of D's logits of `fake` against `target`, plus InfoGAN's code loss for an infogan D."""
-        if not self.coded:
-            return self.criterion(self.discriminator(fake, fake_labels), target)
-        logit, code_logits = self.discriminator.with_code(fake)
-        return self.criterion(logit, target) + info_loss(code_logits, fake_labels, self.params.info_weight)
-
     def train_epoch(self) -> None:
         self.generator.train()
         self.discriminator.train()
         for idx in torch.randperm(len(self.train_images), device=self.device).split(self.params.batch_size):
-            self.step(self.train_images[idx], self.train_labels[idx] if self.conditional else None)
-        if self.coded:  # the project's prior estimate, as the project's loop does it
-            self.generator.label_prior.copy_(code_prior(self.discriminator, self.train_images))
+            self.step(self.train_images[idx], self.train_labels[idx] if self.labelled else None)
 
     def epoch(self) -> dict[str, float]:
         self.records.append(timed_epoch(
             self.train_epoch,
             lambda: d_scores(self.generator, self.discriminator, self.test_images, len(self.test_images),
-                             real_labels=self.test_labels if self.conditional else None),
+                             real_labels=self.test_labels),
             self.device))
         return self.records[-1]

@@ -28,7 +28,7 @@ from mnist_gan.params import ClassifierParams
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 # the keys every model file of conf/model/ sets, in their order
-TRAINED = ("model", "epochs", "batch_size", "lr", "beta1", "ema", "width", "dropout", "codes", "info_weight")
+TRAINED = ("model", "epochs", "batch_size", "lr", "beta1", "ema", "width", "dropout", "codes")
 
 
 # --- params ---------------------------------------------------------------------------------------------

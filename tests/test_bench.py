@@ -22,7 +22,7 @@ if str(REPO / "benchmarks") not in sys.path:  # its modules import each other as
 import flops  # noqa: E402
 import timing  # noqa: E402
 
-PRESETS = ("mlp", "infogan", "cgan")
+PRESETS = ("mlp", "selfcond", "cgan")
 
 
 def layer_flops(model: str, d_noise: int, width: int) -> tuple[list[int], list[int]]:

@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 
 def _generator_file(path: Path, model: str, seed: int) -> Path:
     torch.manual_seed(seed)
-    generator, _ = build_models(model, 100, 8, 0.0, CPU, codes=10 if model == "infogan" else 0)
+    generator, _ = build_models(model, 100, 8, 0.0, CPU, codes=10 if model == "selfcond" else 0)
     save_model(generator, path)
     return path
 
@@ -54,8 +54,8 @@ def test_generate_a_digit_from_a_conditional_model(tmp_path, capsys):
     assert not np.array_equal(sevens, ones)  # same z, different labels
 
 
-def test_generate_a_code_of_an_infogan_model(tmp_path, capsys):
-    path = str(_generator_file(tmp_path / "g.pt", "infogan", seed=0))
+def test_generate_a_code_of_a_selfcond_model(tmp_path, capsys):
+    path = str(_generator_file(tmp_path / "g.pt", "selfcond", seed=0))
     threes = _npy(capsys, "--model", path, "--code", "3", "-n", "4", "--out", str(tmp_path / "3.npy"))
     assert "4 samples (code 3, seed 0)" in capsys.readouterr().out
     again = _npy(capsys, "--model", path, "--code", "3", "-n", "4", "--out", str(tmp_path / "3.npy"))
@@ -64,11 +64,11 @@ def test_generate_a_code_of_an_infogan_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model, args, message", [
-    ("infogan", ["--digit", "7"], "unconditional (model mlp or infogan): it cannot be asked for a digit"),
-    ("infogan", ["--code", "10"], "code 10 is out of range: 0 to 9"),
-    ("infogan", ["--code", "1", "--digit", "1"], "ask for a digit or a code, not both"),
-    ("cgan", ["--code", "1"], "this generator learnt no code (model mlp or cgan): only model=infogan"),
-    ("mlp", ["--code", "1"], "this generator learnt no code (model mlp or cgan)"),
+    ("selfcond", ["--digit", "7"], "unconditional (model mlp or selfcond): it cannot be asked for a digit"),
+    ("selfcond", ["--code", "10"], "code 10 is out of range: 0 to 9"),
+    ("selfcond", ["--code", "1", "--digit", "1"], "ask for a digit or a code, not both"),
+    ("cgan", ["--code", "1"], "this generator has no codes (model mlp or cgan): only model=selfcond"),
+    ("mlp", ["--code", "1"], "this generator has no codes (model mlp or cgan)"),
 ])
 def test_generate_asked_for_what_the_model_cannot_draw(tmp_path, capsys, model, args, message):
     path = str(_generator_file(tmp_path / "g.pt", model, seed=0))
@@ -78,15 +78,15 @@ def test_generate_asked_for_what_the_model_cannot_draw(tmp_path, capsys, model, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--digit", "7"], "unconditional (model mlp or infogan): it cannot be asked for a digit"),
+    (["--digit", "7"], "unconditional (model mlp or selfcond): it cannot be asked for a digit"),
     (["--out", "samples.jpg"], "must end in .png (a grid) or .npy"),
     (["--model", "nowhere.pt"], "nowhere.pt: no such file"),
     (["--model", "models/discriminator.pt"], "holds a discriminator, not a generator"),
 ])
 def test_generate_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    _generator_file(tmp_path / "models" / "generator.pt", "infogan", seed=0)
-    save_model(build_models("infogan", 100, 8, 0.0, CPU)[1], tmp_path / "models" / "discriminator.pt")
+    _generator_file(tmp_path / "models" / "generator.pt", "selfcond", seed=0)
+    save_model(build_models("selfcond", 100, 8, 0.0, CPU)[1], tmp_path / "models" / "discriminator.pt")
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "samples.jpg").exists()

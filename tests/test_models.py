@@ -285,7 +285,7 @@ def _layers(module: nn.Module) -> list[str]:
 
 
 def test_conv_nets_are_their_docstrings():
-    """infogan/cgan as documented in models.py: z -> 2w x 7 x 7 -> w x 14 x 14 -> 1 x 28 x 28, and back."""
+    """selfcond/cgan as documented in models.py: z -> 2w x 7 x 7 -> w x 14 x 14 -> 1 x 28 x 28, and back."""
     assert _layers(ConvGenerator()) == [
         "project.0: Linear(in_features=100, out_features=3136, bias=False)",
         "project.1: BatchNorm1d(3136, " + BN_DEFAULTS,

@@ -122,7 +122,7 @@ def test_every_bound_on_both_sides(key, accepted, refused):
 
 # the whole one-line message of each check, as the user reads it
 MESSAGES = [
-    ("model", "gan", "must be one of mlp, infogan, cgan (the files of conf/model/)"),
+    ("model", "gan", "must be one of mlp, selfcond, cgan (the files of conf/model/)"),
     ("epochs", 0, "must be an integer >= 1"), ("batch_size", 0, "must be an integer >= 1"),
     ("lr", 0.0, "must be in (0, 1), e.g. 0.0002"), ("d_noise", 0, "must be an integer >= 1"),
     ("beta1", 1.0, "must be in [0, 1), e.g. 0.5 or 0.9"),
@@ -139,19 +139,19 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("model, key, value, allowed", [
-    ("infogan", "codes", 1, "model infogan learns a code of >= 2 categories, e.g. 10"),
-    ("infogan", "codes", 0, "model infogan learns a code of >= 2 categories, e.g. 10"),
-    ("infogan", "info_weight", -0.5, "must be >= 0, e.g. 1.0"),
-    ("cgan", "codes", 10, "model cgan learns no code: set 0 (or model=infogan)"),
-    ("mlp", "info_weight", 1.0, "model mlp learns no code to weigh: set 0 (or model=infogan)"),
+    ("selfcond", "codes", 1, "model selfcond is conditioned on >= 2 clusters, e.g. 30"),
+    ("selfcond", "codes", 0, "model selfcond is conditioned on >= 2 clusters, e.g. 30"),
+    ("selfcond", "codes", -3, "model selfcond is conditioned on >= 2 clusters, e.g. 30"),
+    ("cgan", "codes", 10, "model cgan takes no codes: set 0 (or model=selfcond)"),
+    ("mlp", "codes", 1, "model mlp takes no codes: set 0 (or model=selfcond)"),
 ])
-def test_a_code_belongs_to_infogan_and_has_at_least_two_categories(model, key, value, allowed):
-    infogan = {"model": "infogan", "codes": 10, "info_weight": 1.0}
-    base = infogan if model == "infogan" else {"model": model}
+def test_codes_belong_to_selfcond_which_needs_at_least_two(model, key, value, allowed):
+    selfcond = {"model": "selfcond", "codes": 30}
+    base = selfcond if model == "selfcond" else {"model": model}
     with pytest.raises(ParamsError) as error:
         parse_params(raw_params(**base | {key: value}))
     assert str(error.value) == f"'{key}' = {value!r} is invalid: {allowed}"
-    assert parse_params(raw_params(**infogan | {"codes": 2, "info_weight": 0.0})).codes == 2  # accepted
+    assert parse_params(raw_params(**selfcond | {"codes": 2})).codes == 2  # accepted
 
 
 @pytest.mark.parametrize("key, value, allowed", MESSAGES, ids=[m[0] for m in MESSAGES])

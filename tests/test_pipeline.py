@@ -99,7 +99,7 @@ def test_exp_run_reruns_train_evaluate_plot_only(repo, client):
     assert "slower-lr" in shown
 
 
-@pytest.mark.parametrize("model", ["infogan", "cgan"])
+@pytest.mark.parametrize("model", ["selfcond", "cgan"])
 def test_presets_and_ema_run_end_to_end(repo, client, model):
     out = run(["dvc", "exp", "run", "-S", f"model={model}", "-S", "ema=0.9", "-n", model], repo,
               pipeline_env())

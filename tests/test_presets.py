@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
+from mnist_gan import clusters
 from mnist_gan.classifier import train_classifier
 from mnist_gan.composition import CompositionError, compose
 from mnist_gan.data import to_model_input
-from mnist_gan.losses import info_loss
 from mnist_gan.losses import loss_d as loss_d_paper
 from mnist_gan.losses import loss_g as loss_g_paper
-from mnist_gan.models import ConvGenerator, build_models, load_model, save_model
+from mnist_gan.models import ConvDiscriminator, ConvGenerator, build_models, load_model, save_model
 from mnist_gan.params import MODELS, ParamsError, parse_params
 from mnist_gan.quality import quality_metrics
-from mnist_gan.training import TrainState, code_prior, d_step, g_step, latents, sample, train
+from mnist_gan.training import TrainState, d_step, g_step, latents, sample, train
 from tests.helpers import REPO, TRAINED, raw_params, synthetic_digits
 
 CPU = torch.device("cpu")
@@ -28,7 +26,7 @@ CPU = torch.device("cpu")
 def preset(model: str) -> dict[str, object]:
     """The keys conf/model/<model>.yaml sets that shape the nets and their losses."""
     values = yaml.safe_load((REPO / f"conf/model/{model}.yaml").read_text())
-    return {key: values[key] for key in ("model", "dropout", "codes", "info_weight")}
+    return {key: values[key] for key in ("model", "dropout", "codes")}
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +57,12 @@ def test_a_model_brings_its_values_and_set_params_override_them():
     mlp = parse_params(yaml.safe_load(compose(REPO, ["lr=0.0001"])))
     assert dataclasses.replace(mlp, lr=2e-4) == parse_params(raw_params())
     with pytest.raises(CompositionError, match=r"Could not find 'model/gan2' Available options in 'model': "
-                                               r"cgan infogan mlp$"):
+                                               r"cgan mlp selfcond$"):
         compose(REPO, ["model=gan2"])
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, infogan, cgan \(the files of"),
+    ({"model": "gpt"}, r"'model' = 'gpt' is invalid: must be one of mlp, selfcond, cgan \(the files of"),
     ({"ema": 1.0}, r"'ema' = 1.0 is invalid"),
     ({"beta1": -0.5}, r"'beta1' = -0.5 is invalid"),
 ])
@@ -73,12 +71,14 @@ def test_bad_model_params_are_clear_errors(change, message):
         parse_params(raw_params() | change)
 
 
-@pytest.mark.parametrize("model", ["mlp", "infogan", "cgan"])
+@pytest.mark.parametrize("model", ["mlp", "selfcond", "cgan"])
 def test_each_preset_trains_and_evaluates(model, data, tiny_params):
     params = dataclasses.replace(tiny_params, **preset(model), epochs=2, batch_size=50, width=8, ema=0.9)
+    if model == "selfcond":
+        params = dataclasses.replace(params, codes=10)  # the preset's 30 clusters of 400 images: 13 each
     result = train(params, device=CPU, **data)
     assert [r["epoch"] for r in result.history] == [1, 2]
-    with torch.no_grad():  # the last record scores the trained D on the test images (and their labels)
+    with torch.no_grad():  # the last record scores the trained D on the test images (a cgan's with labels)
         conditional = (data["test_labels"],) if model == "cgan" else ()
         logits = result.discriminator.eval()(data["test_images"], *conditional)
     assert result.history[-1]["p_real"] == pytest.approx(torch.sigmoid(logits).mean().item(), rel=1e-6)
@@ -94,7 +94,7 @@ def test_each_preset_trains_and_evaluates(model, data, tiny_params):
 
 
 def test_ema_is_the_average_of_the_trained_weights(data, tiny_params):
-    params = dataclasses.replace(tiny_params, **preset("infogan"), epochs=1, batch_size=50, width=8, ema=0.5)
+    params = dataclasses.replace(tiny_params, **preset("selfcond"), epochs=1, batch_size=50, width=8, ema=0.5)
     result = train(params, device=CPU, **data)
     averaged, trained = result.ema.state_dict(), result.generator.state_dict()
     assert set(averaged) == set(trained)  # batch-norm statistics are averaged too
@@ -132,7 +132,6 @@ def test_cgan_discriminator_sees_each_image_with_its_label(data, tiny_params, mo
         return forward(self, z, labels)
 
     monkeypatch.setattr(ConvGenerator, "forward", generator_forward)
-    from mnist_gan.models import ConvDiscriminator
     d_forward = ConvDiscriminator.forward
 
     def discriminator_forward(self, x, labels=None):
@@ -167,7 +166,7 @@ def test_conditional_generator_depends_on_the_label_and_requires_it():
 
 
 def test_asking_an_unconditional_generator_for_a_digit_is_a_clear_error():
-    generator, _ = build_models("infogan", 100, 8, 0.0, CPU, codes=10)
+    generator, _ = build_models("selfcond", 100, 8, 0.0, CPU, codes=10)
     with pytest.raises(ValueError, match="unconditional .* train model=cgan"):
         latents(generator, 5, CPU, digit=3)
 
@@ -183,70 +182,105 @@ def test_cgan_samples_digits_with_the_training_sets_class_frequencies(data, tiny
     torch.testing.assert_close(torch.bincount(labels, minlength=10) / 20_000, expected, atol=0.01, rtol=0)
 
 
-# --- infogan: the code, its head Q and its losses ---------------------------------------------------------
-def test_info_loss_is_the_weighted_cross_entropy_of_q_on_the_codes():
-    # Q unsure between all 10 codes: CE = log 10, whatever the code; certain of the right one: ~0
-    unsure, codes = torch.zeros(4, 10), torch.tensor([0, 3, 3, 9])
-    assert info_loss(unsure, codes, 2.5).item() == pytest.approx(2.5 * math.log(10))
-    assert info_loss(10_000 * F.one_hot(codes, 10).float(), codes, 1.0).item() == 0
-    assert info_loss(unsure, codes, 0.0).item() == 0
+# --- selfcond: clusters of the training images, its codes ------------------------------------------------
+def test_kmeans_finds_separated_clusters_the_same_way_for_the_same_seed():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    noise = torch.randn(150, 2, generator=torch.Generator().manual_seed(0))
+    points = centres.repeat_interleave(50, 0) + noise
+    centroids = clusters.kmeans(points, 3, seed=0)
+    codes = clusters.assign(points, centroids)
+    assert sorted(torch.bincount(codes).tolist()) == [50, 50, 50]  # each blob, one cluster
+    for blob in codes.view(3, 50):
+        assert len(set(blob.tolist())) == 1
+    torch.testing.assert_close(centroids[codes.view(3, 50)[:, 0]], points.view(3, 50, 2).mean(1))
+    assert torch.equal(clusters.kmeans(points, 3, seed=0), centroids)
+    with pytest.raises(ValueError, match="150 points into 151 clusters: k must be 1 to 150"):
+        clusters.kmeans(points, 151, seed=0)
+
+
+def test_features_see_the_same_shape_through_slant_and_ink():
+    """A stroke leaning right and the same stroke upright, or drawn fainter, are neighbours in the
+    feature space though far apart in pixels; a stroke elsewhere is not."""
+    upright, leaning, elsewhere = (torch.zeros(28, 28) for _ in range(3))
+    for row in range(4, 24):
+        upright[row, 13:15] = 1
+        leaning[row, 13 + (14 - row) // 3: 15 + (14 - row) // 3] = 1
+        elsewhere[row, 3:5] = 1
+    faint = 0.5 * upright
+    images = torch.stack([upright, leaning, faint, elsewhere]).view(4, 784) * 2 - 1
+    f = clusters.features(images)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(4))
+    cosine = f @ f[0]
+    assert cosine[1] > 0.9 and cosine[2] == pytest.approx(1) and cosine[3] < 0.1
+    pixels = torch.nn.functional.normalize((images + 1) / 2, dim=1)
+    assert (pixels @ pixels[0])[1] < 0.5  # the raw pixels of the leaning stroke are far from upright
 
 
 @pytest.fixture
-def infogan_params(tiny_params):
+def selfcond_params(tiny_params):
     # no dropout: the steps' only random draws are then the codes and z, which the tests replay
-    return dataclasses.replace(tiny_params, **preset("infogan") | {"dropout": 0.0}, width=8, batch_size=50,
-                               ema=0.0)
+    return dataclasses.replace(tiny_params, **preset("selfcond") | {"dropout": 0.0, "codes": 5}, width=8,
+                               batch_size=50, ema=0.0)
 
 
-@pytest.mark.parametrize("weight", [0.0, 2.5])
-def test_infogan_steps_add_the_weighted_code_loss_to_the_paper_losses(infogan_params, data, weight):
-    params = dataclasses.replace(infogan_params, info_weight=weight)
+def test_selfcond_d_judges_reals_with_their_cluster_and_fakes_with_their_code(selfcond_params, data):
+    """The design's known case: D's logit of a real image projects onto its own cluster's embedding,
+    a fake's onto the code G drew it with; both losses are the paper's of those logits."""
     real = data["train_images"][:50]
+    state = TrainState.start(selfcond_params, CPU, None)
+    state.cluster(data["train_images"])
+    with torch.no_grad():
+        torch.nn.init.normal_(state.discriminator.embed.weight)  # a trained projection: codes matter
+    discriminator = state.discriminator
+    real_codes = discriminator.code(real)
+    assert torch.equal(real_codes, clusters.assign(clusters.features(real), discriminator.centroids))
+    assert len(set(real_codes.tolist())) > 1
+    with torch.no_grad():  # D without codes reads them itself; other codes give other logits
+        torch.testing.assert_close(discriminator(real), discriminator(real, real_codes))
+        assert not torch.allclose(discriminator(real), discriminator(real, (real_codes + 1) % 5))
 
-    def replay(first: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A fresh state's nets on the draws of a step: (D's logits, Q's code logits) of real and
-        G(z, codes), and the codes; d_step draws the codes `first`, g_step z."""
-        state = TrainState.start(params, CPU, None)
+    def replay(first: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draws of a step from seed 7, on copies of the nets: (D's logits of real and
+        G(z, codes), as the design says they are computed); d_step draws the codes `first`, g_step z."""
         torch.manual_seed(7)
+        prior = state.generator.label_prior
         if first == "codes":
-            codes, z = torch.randint(10, (50,)), torch.randn(50, 100)
+            codes, z = torch.multinomial(prior, 50, replacement=True), torch.randn(50, 100)
         else:
-            z, codes = torch.randn(50, 100), torch.randint(10, (50,))
-        logits, code_logits = state.discriminator.with_code(torch.cat([real, state.generator(z, codes)]))
-        return logits, code_logits, codes
+            z, codes = torch.randn(50, 100), torch.multinomial(prior, 50, replacement=True)
+        fake = state.generator(z, codes)
+        return discriminator(torch.cat([real, fake]), torch.cat([real_codes, codes])), codes
 
-    state = TrainState.start(params, CPU, None)
+    generator_weights = {k: v.clone() for k, v in state.generator.state_dict().items()}
+    discriminator_weights = {k: v.clone() for k, v in discriminator.state_dict().items()}
+    logits, _ = replay("codes")
     torch.manual_seed(7)
-    loss_d = d_step(state, real, None)
-    logits, code_logits, codes = replay("codes")
-    expected = loss_d_paper(logits[:50], logits[50:]) + weight * F.cross_entropy(code_logits[50:], codes)
-    assert loss_d.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert F.cross_entropy(code_logits[50:], codes).item() > 1  # an untrained Q: the term is not 0
+    loss_d = d_step(state, real, real_codes)
+    assert loss_d.item() == pytest.approx(loss_d_paper(logits[:50], logits[50:]).item(), rel=1e-5)
 
-    state = TrainState.start(params, CPU, None)
+    state.generator.load_state_dict(generator_weights)
+    discriminator.load_state_dict(discriminator_weights)
+    logits, _ = replay("z")
     torch.manual_seed(7)
     loss_g = g_step(state, 50, CPU)
-    logits, code_logits, codes = replay("z")
-    expected = loss_g_paper(logits[50:]) + weight * F.cross_entropy(code_logits[50:], codes)
-    assert loss_g.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_g.item() == pytest.approx(loss_g_paper(logits[50:]).item(), rel=1e-5)
 
 
-def test_the_code_prior_is_the_share_of_training_images_q_assigns_each_code(infogan_params, data):
-    result = train(dataclasses.replace(infogan_params, epochs=1, ema=0.9), device=CPU, **data)
-    expected = code_prior(result.discriminator, data["train_images"])
-    assert expected.sum().item() == pytest.approx(1)
-    for generator in (result.generator, result.sampler):  # the average samples with Q's latest reading
+def test_selfcond_prior_is_the_share_of_training_images_in_each_cluster(selfcond_params, data):
+    result = train(dataclasses.replace(selfcond_params, epochs=1, ema=0.9), device=CPU, **data)
+    codes = result.discriminator.code(data["train_images"])
+    expected = torch.bincount(codes, minlength=5) / len(codes)
+    assert (expected > 0).all()
+    for generator in (result.generator, result.sampler):  # the average samples with the same prior
         assert torch.equal(generator.label_prior, expected)
-    rigged = result.discriminator
-    with torch.no_grad():  # a Q that reads every image as code 3
-        rigged.q.weight.zero_()
-        rigged.q.bias.copy_(F.one_hot(torch.tensor(3), 10).float())
-    assert code_prior(rigged, data["train_images"]).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    # the clusters are those of the training images' features, seeded by `seed`
+    points = clusters.features(data["train_images"])
+    expected = clusters.kmeans(points, 5, selfcond_params.seed)
+    torch.testing.assert_close(result.discriminator.centroids, expected)
 
 
-def test_infogan_never_reads_a_label(infogan_params, data):
-    params = dataclasses.replace(infogan_params, epochs=1)
+def test_selfcond_never_reads_a_label(selfcond_params, data):
+    params = dataclasses.replace(selfcond_params, epochs=1)
     with_labels = train(params, device=CPU, **data)
     scrambled = data | {"train_labels": data["train_labels"].flip(0), "test_labels": data["test_labels"] * 0}
     without = train(params, device=CPU, **scrambled)
@@ -254,3 +288,11 @@ def test_infogan_never_reads_a_label(infogan_params, data):
                     strict=True):
         assert torch.equal(x, y)
     assert with_labels.history[-1]["p_real"] == without.history[-1]["p_real"]
+
+
+def test_more_clusters_than_training_images_is_a_clear_error(selfcond_params, data):
+    with pytest.raises(ParamsError, match=r"'codes' = 401 is more clusters than the training set has images "
+                                          r"\(400\); lower codes"):
+        train(dataclasses.replace(selfcond_params, codes=401), device=CPU, **data)
+    with pytest.raises(ValueError, match="holds no clusters: only model selfcond codes images"):
+        ConvDiscriminator(8).code(data["test_images"])

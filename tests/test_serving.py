@@ -153,10 +153,10 @@ def test_a_conditional_generator_serves_the_digit_asked_for(served, tmp_path):
 
 
 @pytest.mark.parametrize("preset, records, message", [
-    ("mlp", [{"n": 2, "seed": 0, "digit": 7}], "this generator is unconditional (model mlp or infogan)"),
+    ("mlp", [{"n": 2, "seed": 0, "digit": 7}], "this generator is unconditional (model mlp or selfcond)"),
     ("cgan", [{"n": 2, "seed": 0, "digit": 10}], "digit 10 is out of range: 0 to 9"),
-    ("infogan", [{"n": 0, "seed": 0}], "n, the number of images, must be >= 1; got 0"),
-    ("infogan", [{"n": 6000, "seed": 0}, {"n": 6000, "seed": 1}],
+    ("selfcond", [{"n": 0, "seed": 0}], "n, the number of images, must be >= 1; got 0"),
+    ("selfcond", [{"n": 6000, "seed": 0}, {"n": 6000, "seed": 1}],
      "the request asks for 12000 images; at most 10000 per request"),
     # MLflow's own checks of the signature, before the model sees the request
     ("mlp", [{"n": 2}], "Model is missing inputs ['seed']"),

@@ -48,7 +48,7 @@ def search_error(tmp_path: Path, **changes: Any) -> str:
     return str(error.value)
 
 
-@pytest.mark.parametrize("preset", ["mlp", "infogan", "cgan"])
+@pytest.mark.parametrize("preset", ["mlp", "selfcond", "cgan"])
 def test_every_presets_search_loads_and_stays_inside_its_params_bounds(preset):
     search = load_search(preset, tuning.base_params(preset, REPO), REPO)
     assert search.preset == preset and {d.key for d in search.space} >= {"lr", "beta1", "epochs"}

@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--digit", type=int, choices=range(10), metavar="0-9",
                      help="the digit to draw (conditional models: model=cgan)")
     gen.add_argument("--code", type=int, metavar="K",
-                     help="the learnt category to draw, 0 to codes-1 (model=infogan; the README's "
-                          "Presets show what each code of a run draws)")
+                     help="the cluster to draw, 0 to codes-1 (model=selfcond; docs/presets.md shows "
+                          "what each code of a run draws)")
     gen.add_argument("--seed", type=int, default=0, help="seed of z and labels (default: 0)")
     gen.add_argument("--out", type=Path, default=Path("samples.png"),
                      help="a .png grid or a .npy uint8 array [N, 28, 28] (default: samples.png)")

@@ -79,7 +79,7 @@ def _load_generator(path: Path, device: torch.device, source: str) -> GeneratorM
 
 def generate(generator: GeneratorModel, n: int, seed: int, digit: int | None = None,
              code: int | None = None) -> torch.Tensor:
-    """n images [n, 784] in [-1, 1], of `digit` (conditional generators) or `code` (infogan ones) if
+    """n images [n, 784] in [-1, 1], of `digit` (conditional generators) or `code` (selfcond ones) if
     given; the same generator and seed give the same images."""
     if n < 1:
         raise GenerateError(f"n, the number of images, must be >= 1; got {n}")

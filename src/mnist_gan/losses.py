@@ -25,9 +25,3 @@ def loss_g(logit_fake: torch.Tensor, form: str = "paper") -> torch.Tensor:
         return -F.logsigmoid(logit_fake).mean()
     return F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
 
-
-def info_loss(code_logits: torch.Tensor, codes: torch.Tensor, weight: float) -> torch.Tensor:
-    """InfoGAN's term for a categorical code, added to both losses: weight * CE(Q(G(z, c)), c), a
-    bound on the mutual information of c and G(z, c) up to the code's constant entropy (Chen et
-    al. 2016, eq. 5): D's head Q learns to read the code back, and G to write it recognisably."""
-    return weight * F.cross_entropy(code_logits, codes)

@@ -2,13 +2,13 @@
 
 - mlp: the tutorial's vanilla GAN, two MLPs over flattened 28x28 images;
 - cgan: small convolutional nets for 28x28 (Radford et al. 2015) conditioned on the digit's label;
-- infogan: the same nets without labels, G fed a categorical code it learns to make meaningful
-  (Chen et al. 2016): D gains a head Q that predicts the code from D's features.
+- selfcond: the same nets without labels, conditioned instead on a code: the cluster of an image
+  among k-means clusters of the unlabelled training images (mnist_gan.clusters), which D holds.
 
-Every net takes and returns flat images [B, 784] in [-1, 1], and `labels` [B] (int64), G's
-categorical input: the digits of a conditional net (which its D takes too) or the code of an
-infogan G (which its D ignores: it sees no labels); nets without one ignore them, so callers need
-not know which kind they hold. Discriminators return *logits*;
+Every net takes and returns flat images [B, 784] in [-1, 1], and `labels` [B] (int64), the
+categorical input of G and D: the digits of a conditional net, or the codes (clusters) of a
+selfcond one; nets without one ignore them, so callers need not know which kind they hold.
+Discriminators return *logits*;
 D(x) = sigmoid(logit): the tutorial's last Sigmoid is moved into the losses so
 they can be computed in a numerically stable form.
 """
@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mnist_gan import cpu_dropout
+from mnist_gan import clusters, cpu_dropout
 from mnist_gan.cpu_dropout import Activation
 from mnist_gan.files import atomic_path
 
@@ -247,7 +247,7 @@ class Discriminator(nn.Module):
 
 
 class ConvGenerator(nn.Module):
-    """cgan/infogan: z [B, d_noise] (and labels [B]: digits if n_classes, codes if n_codes) ->
+    """cgan/selfcond: z [B, d_noise] (and labels [B]: digits if n_classes, codes if n_codes) ->
     image [B, 784] in [-1, 1].
 
     z is projected to 2w x 7 x 7, then two stride-2 transposed convs upsample to 14x14
@@ -267,8 +267,8 @@ class ConvGenerator(nn.Module):
         self.embed = nn.Embedding(categories, categories) if categories else None
         if categories:
             # p(label) for sampling, saved with the weights: the training set's digit frequencies
-            # (cgan), or the code's as Q assigns the training images to codes (infogan), each set by
-            # training; what "a random digit" (or code) means when sampling (training.random_labels)
+            # (cgan), or its clusters' (selfcond), each set by training; what "a random digit" (or
+            # code) means when sampling (training.random_labels)
             self.register_buffer("label_prior", torch.full((categories,), 1 / categories))
         self.project = nn.Sequential(
             nn.Linear(d_noise + categories, 2 * width * 7 * 7, bias=False), nn.BatchNorm1d(2 * width * 7 * 7),
@@ -285,16 +285,19 @@ class ConvGenerator(nn.Module):
 
 
 class ConvDiscriminator(nn.Module):
-    """cgan/infogan: image [B, 784] (and labels [B] if n_classes) -> logit [B].
+    """cgan/selfcond: image [B, 784] (and labels [B]: digits if n_classes, codes if n_codes) -> logit [B].
 
     Two stride-2 convs (w, 2w channels) with LeakyReLU(0.2) and dropout, then a linear
     logit. When conditional, the logit gains the inner product of the features with
-    the label's embedding: the projection discriminator (Miyato & Koyama 2018). With n_codes,
-    a head Q on the same features predicts the code a fake was drawn with (`with_code`).
+    the label's embedding: the projection discriminator (Miyato & Koyama 2018). With n_codes, D
+    also holds the `centroids` of the training images' clusters (set by training), so that it can
+    code an image itself (`code`): a selfcond D is a function of the image alone.
     """
 
     def __init__(self, width: int = 32, n_classes: int = 0, dropout: float = 0.0, n_codes: int = 0):
         super().__init__()
+        if n_classes and n_codes:
+            raise ValueError("a discriminator takes digit labels or codes, not both")
         self.n_classes, self.n_codes = n_classes, n_codes
         self.config = {"width": width, "n_classes": n_classes, "dropout": dropout, "n_codes": n_codes}
         features = 2 * width * 7 * 7
@@ -308,30 +311,26 @@ class ConvDiscriminator(nn.Module):
         self.embed = nn.Embedding(categories, features) if categories else None
         if self.embed is not None:
             nn.init.zeros_(self.embed.weight)  # start as the unconditional D
-        # linear, as D's logit is: a hidden layer of 128 (the paper's Q) would add a quarter to D's
-        # multiply-adds per image (3136 x 128 against D's 1.7 M)
-        self.q = nn.Linear(features, n_codes) if n_codes else None
+        if n_codes:  # in clusters.features' space, saved with the weights
+            self.register_buffer("centroids", torch.zeros(n_codes, IMAGE_SIZE))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.q is not None:
-            return self.with_code(x)[0]
-        return self._logit(self.features(x), labels)
-
-    def with_code(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logit [B], Q's code logits [B, n_codes]) of `x`, from one pass of the features. The logit
-        projects the features onto the embedding of the code Q reads in `x` (real or fake alike), so
-        D is a function of the image alone, with cgan's projection on a label of its own reading."""
-        if self.q is None:
-            raise ValueError("this discriminator has no code head: only model infogan learns a code")
+        """`labels` may be left out for a selfcond D, which then codes `x` itself."""
+        if self.n_codes and labels is None:
+            labels = self.code(x)
         h = self.features(x)
-        code_logits = self.q(h)
-        return self._logit(h, code_logits.argmax(1)), code_logits
-
-    def _logit(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         logit = self.logit(h).squeeze(-1)
         if self.embed is not None:
             logit = logit + (self.embed(_required(labels)) * h).sum(-1)
         return logit
+
+    @torch.no_grad()
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """The code [B] of each image: its nearest cluster centroid, in clusters.features' space."""
+        if not self.n_codes:
+            raise ValueError("this discriminator holds no clusters: only model selfcond codes images")
+        with torch.autocast(x.device.type, enabled=False):  # the codes training gave, under bf16 too
+            return clusters.assign(clusters.features(x.float()), self.centroids)
 
 
 def _required(labels: torch.Tensor | None) -> torch.Tensor:

@@ -19,8 +19,8 @@ import yaml
 
 from mnist_gan.errors import UserError
 
-MODELS = ("mlp", "infogan", "cgan")  # the files of conf/model/ (a test keeps the two equal)
-CODED = ("infogan",)  # the presets whose G learns a categorical code (`codes`, `info_weight`)
+MODELS = ("mlp", "selfcond", "cgan")  # the files of conf/model/ (a test keeps the two equal)
+CODED = ("selfcond",)  # the presets conditioned on clusters of the training images (`codes` of them)
 LOSSES = ("paper", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -67,8 +67,8 @@ class CiParams:
 @dataclass(frozen=True)
 class Params:
     """Every key of params.yaml. What each means, and its default, is in conf/ (config.yaml and
-    the model files of conf/model/, which each set `model` and the nine keys from `epochs` to
-    `info_weight`)."""
+    the model files of conf/model/, which each set `model` and the eight keys from `epochs` to
+    `codes`)."""
 
     model: str
     seed: int
@@ -77,10 +77,9 @@ class Params:
     lr: float
     beta1: float    # Adam's first beta (second stays 0.999)
     ema: float      # decay of the generator's weight average; 0: off
-    width: int      # mlp: hidden units; infogan/cgan: channels of D's first conv (G mirrors it)
+    width: int      # mlp: hidden units; selfcond/cgan: channels of D's first conv (G mirrors it)
     dropout: float
-    codes: int      # infogan: categories of G's learnt code; 0 for the other models
-    info_weight: float  # infogan: lambda of the code's loss (losses.info_loss); 0 for the others
+    codes: int      # selfcond: clusters of the training images it is conditioned on; 0 for the others
     d_noise: int
     loss: str
     device: str
@@ -188,12 +187,9 @@ def _validate(p: Params) -> None:
     _check(p.width >= 1, "width", p.width, "must be an integer >= 1")
     _check(0 <= p.dropout < 1, "dropout", p.dropout, "must be in [0, 1)")
     if p.model in CODED:
-        _check(p.codes >= 2, "codes", p.codes, f"model {p.model} learns a code of >= 2 categories, e.g. 10")
-        _check(p.info_weight >= 0, "info_weight", p.info_weight, "must be >= 0, e.g. 1.0")
+        _check(p.codes >= 2, "codes", p.codes, f"model {p.model} is conditioned on >= 2 clusters, e.g. 30")
     else:
-        _check(p.codes == 0, "codes", p.codes, f"model {p.model} learns no code: set 0 (or model=infogan)")
-        _check(p.info_weight == 0, "info_weight", p.info_weight,
-               f"model {p.model} learns no code to weigh: set 0 (or model=infogan)")
+        _check(p.codes == 0, "codes", p.codes, f"model {p.model} takes no codes: set 0 (or model=selfcond)")
     _check(p.loss in LOSSES, "loss", p.loss, f"must be one of {', '.join(LOSSES)}")
     _check(p.device in DEVICES, "device", p.device, f"must be one of {', '.join(DEVICES)}")
     _check(p.device != "cuda" or torch.cuda.is_available(), "device", p.device,

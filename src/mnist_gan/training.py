@@ -19,8 +19,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from mnist_gan import checkpoint as ckpt
+from mnist_gan import clusters
 from mnist_gan.errors import UserError
-from mnist_gan.losses import info_loss
 from mnist_gan.losses import loss_d as compute_loss_d
 from mnist_gan.losses import loss_g as compute_loss_g
 from mnist_gan.models import CONDITIONAL, N_CLASSES, DiscriminatorModel, GeneratorModel, build_models
@@ -29,7 +29,6 @@ from mnist_gan.params import Params, ParamsError
 log = logging.getLogger(__name__)
 
 N_FIXED_NOISE = 16  # one 4x4 sample grid
-PRIOR_IMAGES = 10_000  # training images Q reads an infogan code's prior from, each epoch
 
 
 class TrainingDiverged(UserError):
@@ -95,8 +94,8 @@ def eval_mode(*nets: torch.nn.Module) -> Iterator[None]:
 
 def random_labels(generator: GeneratorModel, n: int,
                   rng: torch.Generator | None = None) -> torch.Tensor | None:
-    """Digits for a conditional generator's samples (codes for an infogan one), drawn from its
-    label prior (the training set's class frequencies, or the code's), so that its samples follow
+    """Digits for a conditional generator's samples (codes for a selfcond one), drawn from its
+    label prior (the training set's class frequencies, or its clusters'), so that its samples follow
     the data's p(y); None for a generator without either. Uniform digits would over-produce rare
     classes: measured, that alone raised FID from 2.05 to 2.79 for the same generator."""
     if not (generator.n_classes or generator.n_codes):
@@ -110,12 +109,13 @@ def d_scores(generator: GeneratorModel, discriminator: DiscriminatorModel, real:
              precision: str = "fp32", chunk: int = 10_000) -> tuple[float, float]:
     """The tutorial's evaluation: mean D(x) over `real` and mean D(G(z)) over
     `n_fake` fresh samples, both nets in eval mode. `rng` fixes z (evaluate stage);
-    a conditional D also gets `real_labels` and the fakes' random labels."""
+    a conditional D also gets `real_labels` (the digits: a selfcond D codes real images itself) and
+    the fakes' random labels (or codes)."""
     device = real.device
     with eval_mode(generator, discriminator), autocast(device, precision):
         p_real = torch.zeros((), device=device)
         for rows in torch.arange(len(real), device=device).split(chunk):
-            labels = None if real_labels is None else real_labels[rows]
+            labels = real_labels[rows] if discriminator.n_classes else None
             p_real += torch.sigmoid(discriminator(real[rows], labels).float()).sum()
         p_fake = torch.zeros((), device=device)
         for n in torch.arange(n_fake).split(chunk):
@@ -128,18 +128,18 @@ def d_scores(generator: GeneratorModel, discriminator: DiscriminatorModel, real:
 def latents(generator: GeneratorModel, n: int, device: torch.device, rng: torch.Generator | None = None,
             digit: int | None = None, code: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """z [n, d_noise] and G's labels [n], if it takes any: `digit` (a conditional generator) or
-    `code` (an infogan one), else drawn from its prior."""
+    `code` (a selfcond one), else drawn from its prior."""
     z = torch.randn(n, generator.d_noise, device=device, generator=rng)
     if digit is not None and code is not None:
         raise ValueError("ask for a digit or a code, not both")
     if digit is not None:
         if not generator.n_classes:
-            raise ValueError("this generator is unconditional (model mlp or infogan): it cannot be asked "
+            raise ValueError("this generator is unconditional (model mlp or selfcond): it cannot be asked "
                              "for a digit; train model=cgan for that, or leave the digit out")
         return z, _fixed(digit, generator.n_classes, "digit", n, device)
     if code is not None:
         if not generator.n_codes:
-            raise ValueError("this generator learnt no code (model mlp or cgan): only model=infogan "
+            raise ValueError("this generator has no codes (model mlp or cgan): only model=selfcond "
                              "takes a code; leave the code out")
         return z, _fixed(code, generator.n_codes, "code", n, device)
     return z, random_labels(generator, n, rng)
@@ -149,16 +149,6 @@ def _fixed(value: int, n_values: int, name: str, n: int, device: torch.device) -
     if not 0 <= value < n_values:
         raise ValueError(f"{name} {value} is out of range: 0 to {n_values - 1}")
     return torch.full((n,), value, device=device)
-
-
-@torch.no_grad()
-def code_prior(discriminator: DiscriminatorModel, images: torch.Tensor) -> torch.Tensor:
-    """p(code) of an infogan model, estimated from unlabelled data as cgan's label prior is from the
-    labels: the share of the first PRIOR_IMAGES of `images` that Q assigns to each code (argmax), D
-    in eval mode. 10k images give each share within +-0.6 % (95 %), at 2 % of an epoch's work."""
-    with eval_mode(discriminator):
-        codes = discriminator.with_code(images[:PRIOR_IMAGES])[1].argmax(1)
-    return torch.bincount(codes, minlength=discriminator.n_codes) / len(codes)
 
 
 @torch.no_grad()
@@ -179,7 +169,7 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     ema: AveragedModel | None  # the average of G's weights, when params.ema > 0
     fixed_noise: torch.Tensor  # [16, d_noise]: the same z for every sample grid
-    fixed_labels: torch.Tensor | None  # the grid's digits (codes) for a model with labels: 0-9, then 0-5
+    fixed_labels: torch.Tensor | None  # the grid's digits (codes) for a model with labels: 0, 1, ... in turn
     history: list[dict[str, float]] = field(default_factory=list)
     samples: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -216,8 +206,14 @@ class TrainState:
         """The generator that draws the grids: the EMA average when there is one."""
         return self.generator if self.ema is None else self.ema.module
 
-    def set_label_prior(self, prior: torch.Tensor) -> None:
-        """G's label prior, and its average's: an average of priors would lag the one Q just read."""
+    def cluster(self, images: torch.Tensor) -> None:
+        """A selfcond model's codes, from the unlabelled training `images`: k-means clusters
+        (params.codes of them, seeded by params.seed) held by D, and their shares as G's label
+        prior (its average's too, which would otherwise approach it only slowly)."""
+        points = clusters.features(images)
+        self.discriminator.centroids.copy_(clusters.kmeans(points, self.params.codes, self.params.seed))
+        prior = torch.bincount(clusters.assign(points, self.discriminator.centroids),
+                               minlength=self.params.codes) / len(images)
         for generator in (self.generator, self.sampler):
             generator.label_prior.copy_(prior)
 
@@ -231,20 +227,18 @@ class TrainState:
 def d_step(state: TrainState, real: torch.Tensor, real_labels: torch.Tensor | None) -> torch.Tensor:
     """(1) Update D: maximize log D(x) + log(1 - D(G(z))) on a real batch and as many fresh
     fakes; returns loss_d. A conditional D sees real images with their labels and fakes with
-    the labels they were drawn for; an infogan D's head Q learns the fakes' codes (losses.info_loss)."""
+    the labels they were drawn for (a selfcond D: real images with their codes, fakes with theirs)."""
     params, m = state.params, len(real)
-    fake_labels = training_labels(state.generator, m, real.device)
-    labels = torch.cat([real_labels, fake_labels]) if state.discriminator.n_classes else None
+    fake_labels = random_labels(state.generator, m)
+    labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
     z = torch.randn(m, params.d_noise, device=real.device)
     with autocast(real.device, params.precision):
         with torch.no_grad():
             fake = state.generator(z, fake_labels)
         # one pass over real and fake together: one matmul per layer instead of two
         both = torch.cat([real, fake.to(real.dtype)])
-        logits, code_logits = _discriminate(state.discriminator, both, labels)
+        logits = state.discriminator(both, labels).float()
     loss_d = compute_loss_d(logits[:m], logits[m:], params.loss)
-    if code_logits is not None:
-        loss_d = loss_d + info_loss(code_logits[m:], fake_labels, params.info_weight)
     state.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     state.opt_d.step()
@@ -253,17 +247,14 @@ def d_step(state: TrainState, real: torch.Tensor, real_labels: torch.Tensor | No
 
 def g_step(state: TrainState, m: int, device: torch.device) -> torch.Tensor:
     """(2) Update G: maximize log D(G(z)) with m fresh z (non-saturating loss), D's weights
-    untouched (an infogan G also makes its codes recognisable to Q); then G's average follows.
-    Returns loss_g."""
+    untouched; then G's average follows. Returns loss_g."""
     params = state.params
     state.discriminator.requires_grad_(False)  # G's step needs no D weight gradients
     z = torch.randn(m, params.d_noise, device=device)
-    labels = training_labels(state.generator, m, device)
+    labels = random_labels(state.generator, m)
     with autocast(device, params.precision):
-        logit_fake, code_logits = _discriminate(state.discriminator, state.generator(z, labels), labels)
+        logit_fake = state.discriminator(state.generator(z, labels), labels).float()
     loss_g = compute_loss_g(logit_fake, params.loss)
-    if code_logits is not None:
-        loss_g = loss_g + info_loss(code_logits, labels, params.info_weight)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     state.opt_g.step()
@@ -271,24 +262,6 @@ def g_step(state: TrainState, m: int, device: torch.device) -> torch.Tensor:
     if state.ema is not None:
         state.ema.update_parameters(state.generator)
     return loss_g.detach()
-
-
-def training_labels(generator: GeneratorModel, m: int, device: torch.device) -> torch.Tensor | None:
-    """The labels of a training step's m fakes: digits from the label prior (cgan); an infogan G's
-    codes uniformly, as in the paper: drawn from the prior Q reads, they would starve every code Q
-    assigns no real image yet (measured on toy data: after one epoch, two codes held all of them)."""
-    if generator.n_codes:
-        return torch.randint(generator.n_codes, (m,), device=device)
-    return random_labels(generator, m)
-
-
-def _discriminate(discriminator: DiscriminatorModel, x: torch.Tensor,
-                  labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """D's logits of `x` in fp32 and, for an infogan D, Q's code logits [B, n_codes] (else None)."""
-    if discriminator.n_codes:
-        logits, code_logits = discriminator.with_code(x)
-        return logits.float(), code_logits.float()
-    return discriminator(x, labels).float(), None
 
 
 def train_epoch(state: TrainState, epoch: int, images: torch.Tensor, labels: torch.Tensor | None,
@@ -307,8 +280,6 @@ def train_epoch(state: TrainState, epoch: int, images: torch.Tensor, labels: tor
         loss_d = d_step(state, real, None if labels is None else labels[idx])
         loss_g = g_step(state, len(idx), images.device)
         loss_sums += torch.stack([loss_d, loss_g])
-    if state.generator.n_codes:  # the code's prior follows Q's reading of the training images
-        state.set_label_prior(code_prior(state.discriminator, images))
     mean_d, mean_g = (loss_sums / len(batches)).tolist()
     if not (torch.isfinite(torch.tensor([mean_d, mean_g])).all()):
         raise TrainingDiverged(f"epoch {epoch}: loss_d={mean_d}, loss_g={mean_g} is not finite; "
@@ -350,7 +321,8 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
           on_epoch: Callable[[int, GeneratorModel], None] | None = None) -> TrainResult:
     """Train the GAN; `train_images`/`test_images` are [N, 784] in [-1, 1] on `device`,
     and the `*_labels` [N] int64 digits on `device` (needed by conditional models only, and
-    dropped for the others: they never see a label).
+    dropped for the others: they never see a label). A selfcond model clusters the training images
+    first (TrainState.cluster), and trains on their codes as a cgan on its digits.
 
     `resume` is a checkpoint from `checkpoint.load`: training continues after its
     epoch with its weights, optimiser moments and RNG state, so an interrupted and
@@ -366,11 +338,20 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
         raise ValueError(f"model '{params.model}' is conditional: pass train_labels and test_labels")
     if params.model not in CONDITIONAL:  # label-free by construction: an unconditional model never sees one
         train_labels = test_labels = None
+    if params.codes > len(train_images):
+        raise ParamsError(f"'codes' = {params.codes} is more clusters than the training set has images "
+                          f"({len(train_images)}); lower codes")
     state = TrainState.start(params, device, train_labels)
     start_epoch = 0
     if resume is not None:
-        start_epoch = state.resume(resume, device)
+        start_epoch = state.resume(resume, device)  # with D's centroids and G's prior, for selfcond
         log.info("resuming after epoch %d from %s", start_epoch, checkpoint_path)
+    elif params.codes:
+        started = time.perf_counter()
+        state.cluster(train_images)
+        log.info("%d clusters of the training images in %.1f s", params.codes, time.perf_counter() - started)
+    if params.codes:  # each image's code, once: the D steps read them as a cgan's read its digits
+        train_labels = state.discriminator.code(train_images)
 
     bar = tqdm(range(start_epoch + 1, params.epochs + 1), desc="train", unit="epoch",
                initial=start_epoch, total=params.epochs, disable=None)
