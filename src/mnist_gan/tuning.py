@@ -56,7 +56,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 SEARCH_DIR = Path("conf/search")
 # the keys a search may vary: those that shape training (model is the preset, fixed per study)
-TUNABLE = ("epochs", "batch_size", "lr", "beta1", "ema", "width", "dropout", "codes", "d_noise", "loss", "precision")
+TUNABLE = ("epochs", "batch_size", "lr", "beta1", "ema", "width", "dropout", "codes", "d_noise", "loss",
+           "precision")
 STUDY_TAG, TRIAL_TAG, STATE_TAG = "optuna_study", "optuna_trial", "optuna_state"
 PARENT_ATTR, PRESET_ATTR = "mlflow_parent_run_id", "preset"  # of the study
 RUN_ATTR, WORKER_ATTR = "mlflow_run_id", "worker"  # of a trial: its run, and host:pid of its process
