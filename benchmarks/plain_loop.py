@@ -54,9 +54,8 @@ class PlainLoop:
         self.train_labels, self.test_labels = labels["train_labels"], labels["test_labels"]
         self.generator, self.discriminator = plain_nets(params, device)
         if self.generator.n_codes:  # the project's clusters stand for the labels, as its loop does it
-            points = clusters.features(train_images)
-            self.discriminator.centroids.copy_(clusters.kmeans(points, params.codes, params.seed))
-            self.train_labels = clusters.assign(points, self.discriminator.centroids)
+            centroids, self.train_labels = clusters.fit(train_images, params.codes, params.seed)
+            self.discriminator.centroids.copy_(centroids)
         # a selfcond D codes the test images itself; only a cgan's D is given their digits
         self.test_labels = self.test_labels if self.generator.n_classes else None
         self.labelled = bool(self.generator.n_classes or self.generator.n_codes)

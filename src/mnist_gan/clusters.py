@@ -86,3 +86,10 @@ def kmeans(points: torch.Tensor, k: int, seed: int) -> torch.Tensor:
             break
         codes = new_codes
     return centroids
+
+
+def fit(images: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids [k, 784], codes [N]) of k clusters of `images` [N, 784] in [-1, 1], in features' space."""
+    points = features(images)
+    centroids = kmeans(points, k, seed)
+    return centroids, assign(points, centroids)

@@ -210,10 +210,9 @@ class TrainState:
         """A selfcond model's codes, from the unlabelled training `images`: k-means clusters
         (params.codes of them, seeded by params.seed) held by D, and their shares as G's label
         prior (its average's too, which would otherwise approach it only slowly)."""
-        points = clusters.features(images)
-        self.discriminator.centroids.copy_(clusters.kmeans(points, self.params.codes, self.params.seed))
-        prior = torch.bincount(clusters.assign(points, self.discriminator.centroids),
-                               minlength=self.params.codes) / len(images)
+        centroids, codes = clusters.fit(images, self.params.codes, self.params.seed)
+        self.discriminator.centroids.copy_(centroids)
+        prior = torch.bincount(codes, minlength=self.params.codes) / len(images)
         for generator in (self.generator, self.sampler):
             generator.label_prior.copy_(prior)
 
