@@ -20,11 +20,16 @@ import torch.nn.functional as F
 SIDE = 28
 BLUR_SIGMA = 1.0
 MAX_ITERATIONS = 50  # Lloyd's; it stops earlier when no image changes cluster
-CHUNK = 10_000  # images whose distances to the centroids are held at once
+CHUNK = 10_000  # images whose features, or distances to the centroids, are computed at once
 
 
 def features(images: torch.Tensor) -> torch.Tensor:
-    """[N, 784] images in [-1, 1] -> [N, 784] unit vectors: deskewed, blurred."""
+    """[N, 784] images in [-1, 1] -> [N, 784] unit vectors: deskewed, blurred. In chunks: the
+    deskew's sampling grid alone takes twice the images' memory."""
+    return torch.cat([_features(chunk) for chunk in images.split(CHUNK)])
+
+
+def _features(images: torch.Tensor) -> torch.Tensor:
     ink = ((images.float() + 1) / 2).view(-1, SIDE, SIDE)
     return F.normalize(_blur(_deskew(ink)).flatten(1), dim=1)
 
