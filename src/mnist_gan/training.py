@@ -206,15 +206,17 @@ class TrainState:
         """The generator that draws the grids: the EMA average when there is one."""
         return self.generator if self.ema is None else self.ema.module
 
-    def cluster(self, images: torch.Tensor) -> None:
+    def cluster(self, images: torch.Tensor) -> torch.Tensor:
         """A selfcond model's codes, from the unlabelled training `images`: k-means clusters
         (params.codes of them, seeded by params.seed) held by D, and their shares as G's label
-        prior (its average's too, which would otherwise approach it only slowly)."""
+        prior (its average's too, which would otherwise approach it only slowly). Returns each
+        image's code."""
         centroids, codes = clusters.fit(images, self.params.codes, self.params.seed)
         self.discriminator.centroids.copy_(centroids)
         prior = torch.bincount(codes, minlength=self.params.codes) / len(images)
         for generator in (self.generator, self.sampler):
             generator.label_prior.copy_(prior)
+        return codes
 
     def save(self, path: Path, epoch: int, run_id: str | None) -> None:
         ckpt.save(path, params=self.params, epoch=epoch, generator=self.generator,
@@ -345,12 +347,12 @@ def train(params: Params, train_images: torch.Tensor, test_images: torch.Tensor,
     if resume is not None:
         start_epoch = state.resume(resume, device)  # with D's centroids and G's prior, for selfcond
         log.info("resuming after epoch %d from %s", start_epoch, checkpoint_path)
+        if params.codes:  # each image's code, once: the D steps read them as a cgan's read its digits
+            train_labels = state.discriminator.code(train_images)
     elif params.codes:
         started = time.perf_counter()
-        state.cluster(train_images)
+        train_labels = state.cluster(train_images)
         log.info("%d clusters of the training images in %.1f s", params.codes, time.perf_counter() - started)
-    if params.codes:  # each image's code, once: the D steps read them as a cgan's read its digits
-        train_labels = state.discriminator.code(train_images)
 
     bar = tqdm(range(start_epoch + 1, params.epochs + 1), desc="train", unit="epoch",
                initial=start_epoch, total=params.epochs, disable=None)
