@@ -56,8 +56,6 @@ class PlainLoop:
         if self.generator.n_codes:  # the project's clusters stand for the labels, as its loop does it
             centroids, self.train_labels = clusters.fit(train_images, params.codes, params.seed)
             self.discriminator.centroids.copy_(centroids)
-        # a selfcond D codes the test images itself; only a cgan's D is given their digits
-        self.test_labels = self.test_labels if self.generator.n_classes else None
         self.labelled = bool(self.generator.n_classes or self.generator.n_codes)
         if self.labelled:
             categories = self.generator.n_classes or self.generator.n_codes
