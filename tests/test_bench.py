@@ -206,3 +206,39 @@ def test_bench_interleaves_each_presets_loops_and_reports_the_ratios(tmp_path):
     machine = report["machine"]
     assert f"machine: cpu ({machine['cpu']}, family {machine['cpu_family']}" in run.stdout
     assert "mlp fp32: " in run.stdout and "the tutorial's loop" in run.stdout
+
+
+def _mlp_report(tutorial_s: float, fp32_s: float, mm: float, onednn: float) -> dict:
+    """A bench report of the MLP: 300 GFLOP of matrix products per epoch in 300 steps."""
+    return {"model": "mlp", "steps_per_epoch": 300,
+            "flops_per_epoch": {"project": flops.Flops(300 * 10**9, 0)},
+            "rates": {"matmul": {"fp32": mm, "fp32_onednn": onednn}, "conv": {}},
+            "loops": [{"loop": "tutorial", "precision": "fp32", "mean_epoch_seconds": tutorial_s},
+                      {"loop": "project", "precision": "fp32", "mean_epoch_seconds": fp32_s,
+                       "ratio_vs_tutorial": tutorial_s / fp32_s}]}
+
+
+@pytest.mark.parametrize("mkl", [True, False])
+def test_mlp_verdict_says_in_one_line_whether_the_target_holds_and_what_bounds_it(monkeypatch, mkl):
+    import bench
+
+    monkeypatch.setattr(bench, "MKL_FP32", mkl)
+    library, rate = ("MKL", 300.0) if mkl else ("oneDNN", 250.0)  # the products: 1.00 s or 1.20 s
+    assert bench.mlp_verdict(_mlp_report(8.0, 1.9, mm=300.0, onednn=250.0)) == (
+        "mlp fp32: 4.21x the tutorial's loop, target >= 4x met")
+    # oneDNN more than 20 % faster than torch.mm: the target is not claimed here
+    assert bench.mlp_verdict(_mlp_report(8.0, 2.5, mm=100.0, onednn=250.0)) == (
+        "mlp fp32: 3.20x the tutorial's loop; the >= 4x target applies where oneDNN's fp32 rate is within "
+        "20 % of torch.mm's, not here (250 vs 100 GFLOP/s)")
+    # 4x allows 2.00 s: the products leave 1.00 s (3.3 ms a step) or 0.80 s (2.7 ms); the rest took more
+    products = 1.0 if mkl else 1.2
+    assert bench.mlp_verdict(_mlp_report(8.0, 2.5, mm=300.0, onednn=250.0)) == (
+        f"mlp fp32: 3.20x the tutorial's loop, below the 4x target: the matrix products take "
+        f"{products:.2f} s at {library}'s rate ({rate:.0f} GFLOP/s) of the 2.00 s that 4x allows; "
+        f"the rest of each of the 300 steps (elementwise work, Adam, autograd and Python) takes "
+        f"{(2.5 - products) / 0.3:.1f} ms, against "
+        f"the {(2.0 - products) / 0.3:.1f} ms left")
+    # a tutorial epoch so short that the products alone exceed the budget
+    assert bench.mlp_verdict(_mlp_report(3.6, 1.8, mm=300.0, onednn=250.0)) == (
+        f"mlp fp32: 2.00x the tutorial's loop, below the 4x target: at {library}'s rate ({rate:.0f} GFLOP/s) "
+        f"the matrix products alone take {products:.2f} s, more than the 0.90 s that 4x allows")

@@ -61,6 +61,13 @@ def test_save_and_load_rebuild_the_same_model(tmp_path):
     assert torch.equal(loaded(z), generator(z))
 
 
+@pytest.fixture(params=[True, False], ids=["mkl", "onednn"])
+def fp32_library(request, monkeypatch):
+    """Each fp32 test of the fused layers with its products in MKL (Intel CPUs) and in oneDNN (others)."""
+    monkeypatch.setattr(models, "MKL_FP32", request.param)
+    return request.param
+
+
 def _forward_backward(forward, model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     model.zero_grad()
     x = x.detach().clone().requires_grad_(True)
@@ -70,7 +77,7 @@ def _forward_backward(forward, model: nn.Module, x: torch.Tensor, grad: torch.Te
 
 
 @pytest.mark.parametrize("net", ["generator", "discriminator"])
-def test_fused_path_equals_nn_sequential_in_value_and_gradients(net):
+def test_fused_path_equals_nn_sequential_in_value_and_gradients(net, fp32_library):
     # eval mode: no dropout, so the fused oneDNN layers must compute exactly nn.Sequential's function
     torch.manual_seed(0)
     model = (Generator(d_noise=100) if net == "generator" else Discriminator()).net.eval()
@@ -88,7 +95,8 @@ NO_FUSED_BF16 = pytest.mark.skipif(torch.bfloat16 not in FUSED_DTYPES,
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=NO_FUSED_BF16)])
 @pytest.mark.parametrize("activation", [nn.ReLU(), nn.LeakyReLU(0.01), nn.Tanh()])
-def test_fused_dropout_layer_applies_its_mask_forward_and_backward(dropout_kernels, activation, dtype):
+def test_fused_dropout_layer_applies_its_mask_forward_and_backward(dropout_kernels, activation, dtype,
+                                                                  fp32_library):
     torch.manual_seed(0)
     linear = nn.Linear(20, 30)
     block = MLP(linear, activation, nn.Dropout(0.25)).train()
@@ -172,7 +180,7 @@ def test_without_the_dropout_kernel_the_conv_discriminator_runs_its_modules(monk
     assert torch.equal(out, nn.Sequential.forward(d.features, x))
 
 
-def test_mlp_rejects_what_it_cannot_fuse_and_runs_a_linear_without_bias():
+def test_mlp_rejects_what_it_cannot_fuse_and_runs_a_linear_without_bias(fp32_library):
     with pytest.raises(TypeError, match="module 1 is Sigmoid"):
         MLP(nn.Linear(4, 3), nn.Sigmoid())
     with pytest.raises(TypeError, match="module 0 is ReLU"):
@@ -255,6 +263,29 @@ def test_the_mlp_runs_fused_exactly_where_it_can(dropout_kernels, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(models, "_onednn_linear", None)  # a torch built without oneDNN
         assert ran(z) == []
+
+
+@pytest.mark.parametrize("mkl", [True, False])
+def test_fp32_products_run_in_mkl_where_it_is_the_faster_library_and_bf16_ones_in_onednn(dropout_kernels,
+                                                                                        monkeypatch, mkl):
+    monkeypatch.setattr(models, "MKL_FP32", mkl)
+    onednn_calls = []
+    onednn = models._onednn_linear
+
+    def recording(*args):
+        onednn_calls.append(args[0].dtype)
+        return onednn(*args)
+
+    monkeypatch.setattr(models, "_onednn_linear", recording)
+    model = Discriminator(width=16, dropout=0.5).net.train()
+    x = torch.randn(8, 784, requires_grad=True)
+    model(x).sum().backward()  # 3 forward products, 3 weight gradients, 3 input gradients
+    assert onednn_calls == ([] if mkl else [torch.float32] * 9)
+    if torch.bfloat16 in FUSED_DTYPES:
+        onednn_calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+        assert onednn_calls == [torch.bfloat16] * 9
 
 
 def test_generator_exports_with_torch_export(tmp_path):

@@ -31,11 +31,14 @@ IMAGE_SIZE = 28 * 28
 N_CLASSES = 10
 CONDITIONAL = ("cgan",)  # the presets whose nets take the digit's label
 
-# The MLPs' fast CPU path. Measured on the 2-core AMD machine (benchmarks/bench.py):
+# The MLPs' fast CPU path. Measured with benchmarks/bench.py:
 # - PyTorch sends CPU fp32 matmuls to MKL, which on AMD CPUs takes a slower non-AVX-512 path;
-#   oneDNN (bundled with PyTorch) computes the same products about 2x faster there.
+#   oneDNN (bundled with PyTorch) computes the same products about 2x faster there (2-core AMD EPYC).
+#   On Intel CPUs MKL is the faster one (a 2-core Xeon, family 6 model 167: 282 against oneDNN's
+#   232 GFLOP/s at the MLP's shapes), so there fp32 products stay with torch.mm (MKL_FP32).
 # - oneDNN applies the activation to the product's output in registers (a "post-op"); a separate
-#   torch.tanh over G's [200, 784] output costs more than the product itself.
+#   torch.tanh over G's [200, 784] output costs more than the product itself. After an MKL product,
+#   the activation runs in the dropout kernel's pass over the output, or in place.
 # - dropout runs in place on that output, in a kernel of our own (mnist_gan.cpu_dropout).
 # No public API does these for training (torch.compile did not beat eager on CPU), hence this
 # small autograd Function, used for eager CPU batches in fp32 or under bf16 autocast. Elsewhere
@@ -46,6 +49,21 @@ _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 # AVX2-only CPUs, it refuses to create them, and bf16 autocast runs the plain modules instead
 FUSED_DTYPES = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (
     torch.float32,)
+
+
+def _cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            vendors = (line.partition(":")[2].strip() for line in cpuinfo if line.startswith("vendor_id"))
+            return next(vendors, "")
+    except OSError:
+        return ""
+
+
+# fp32 products in MKL (torch.mm) rather than oneDNN: MKL's AVX-512 code runs on Intel CPUs only.
+# Decided by the CPU, not timed at start-up, so that a machine always computes the same bits.
+MKL_FP32 = torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
 _aten = torch.ops.aten
 
 
@@ -55,22 +73,25 @@ class PostOp(NamedTuple):
     activation: Activation  # its name is oneDNN's post-op; the dropout kernel's backward takes it too
     scalars: list[float]
     backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    apply_: Callable[[torch.Tensor], object] | None  # the activation in place, after an MKL product
 
 
 # The activation modules a fused block takes, each with its post-op (the activations themselves are
 # listed once, in cpu_dropout.Activation, which the dropout kernel's C++ is built from)
 _FUSED_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], PostOp]] = {
-    nn.ReLU: lambda _: PostOp(Activation.relu, [], lambda grad, y: _aten.threshold_backward(grad, y, 0)),
+    nn.ReLU: lambda _: PostOp(Activation.relu, [], lambda grad, y: _aten.threshold_backward(grad, y, 0),
+                              torch.relu_),
     nn.LeakyReLU: lambda leaky: PostOp(
         Activation.leaky_relu, [leaky.negative_slope],
-        lambda grad, y: _aten.leaky_relu_backward(grad, y, leaky.negative_slope, True)),
-    nn.Tanh: lambda _: PostOp(Activation.tanh, [], _aten.tanh_backward),
+        lambda grad, y: _aten.leaky_relu_backward(grad, y, leaky.negative_slope, True),
+        lambda y: nn.functional.leaky_relu_(y, leaky.negative_slope)),
+    nn.Tanh: lambda _: PostOp(Activation.tanh, [], _aten.tanh_backward, torch.tanh_),
 }
 
 
 def _post_op(activation: nn.Module | None) -> PostOp:
     if activation is None:
-        return PostOp(Activation.none, [], None)
+        return PostOp(Activation.none, [], None, None)
     if type(activation) not in _FUSED_ACTIVATIONS:  # the exact class: a subclass may compute otherwise
         *others, last = (cls.__name__ for cls in _FUSED_ACTIVATIONS)
         raise TypeError(f"a fused MLP block has no post-op for {activation!r}; "
@@ -116,17 +137,31 @@ class _ActivationDropoutFn(torch.autograd.Function):
         return _dropout_backward(ctx, grad, out), None, None
 
 
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in oneDNN, as its inner product a @ (b^T)^T."""
+    return _onednn_linear(a, b.t(), None, "none", [], "")
+
+
 class _DenseFn(torch.autograd.Function):
-    """dropout(act(x @ w.T + b), p) with oneDNN for every product, the activation fused into the
-    forward one, and the dropout kernel applied in place to its output (p = 0: no dropout)."""
+    """dropout(act(x @ w.T + b), p) with every product in MKL (fp32 where MKL_FP32) or else oneDNN,
+    the activation fused into oneDNN's forward product or into the dropout kernel's pass, which runs
+    in place on the product's output (p = 0: no dropout; after MKL, the activation in place)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, post_op: PostOp, p: float):
-        y = _onednn_linear(x, weight, bias, post_op.activation.name, post_op.scalars, "")
+        ctx.mkl = MKL_FP32 and x.dtype == torch.float32
+        if ctx.mkl:
+            y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+            activation = post_op.activation
+        else:
+            y = _onednn_linear(x, weight, bias, post_op.activation.name, post_op.scalars, "")
+            activation = Activation.none  # applied by the post-op
         ctx.post_op, ctx.p = post_op, p
         if p:
             ctx.seed = cpu_dropout.draw_seed()
-            cpu_dropout.kernels().dropout_(y, ctx.seed, p)
+            cpu_dropout.kernels().dropout_(y, ctx.seed, p, activation, _slope(post_op))
+        elif activation != Activation.none:
+            post_op.apply_(y)
         ctx.save_for_backward(x, weight, y)
         return y
 
@@ -138,8 +173,9 @@ class _DenseFn(torch.autograd.Function):
             grad = _dropout_backward(ctx, grad, y)
         elif post_op.backward is not None:
             grad = post_op.backward(grad, y)
-        grad_x = _onednn_linear(grad, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
-        grad_w = _onednn_linear(grad.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
+        mm = torch.mm if ctx.mkl else _onednn_mm
+        grad_x = mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = mm(grad.t(), x) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 
