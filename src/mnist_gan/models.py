@@ -64,6 +64,7 @@ def _cpu_vendor() -> str:
 # fp32 products in MKL (torch.mm) rather than oneDNN: MKL's AVX-512 code runs on Intel CPUs only.
 # Decided by the CPU, not timed at start-up, so that a machine always computes the same bits.
 MKL_FP32 = torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel"
+
 _aten = torch.ops.aten
 
 
