@@ -1,6 +1,8 @@
 import copy
 import os
 import pickle
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,3 +369,18 @@ def test_conditional_nets_need_labels():
                         (ConvDiscriminator(width=4, n_classes=10), torch.zeros(2, 784))):
         with pytest.raises(ValueError, match=r"^this model is conditional: pass the digits' labels$"):
             net.eval()(inputs)
+
+
+def test_the_cpu_vendor_is_proc_cpuinfos_and_empty_where_it_cannot_be_read(monkeypatch):
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    expected = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+    assert models._cpu_vendor() == (expected.group(1) if expected else "")
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError("/proc/cpuinfo")
+
+    monkeypatch.setattr("builtins.open", unreadable)
+    assert models._cpu_vendor() == ""
