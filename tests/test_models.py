@@ -1,4 +1,5 @@
 import copy
+import io
 import os
 import pickle
 import re
@@ -382,5 +383,16 @@ def test_the_cpu_vendor_is_proc_cpuinfos_and_empty_where_it_cannot_be_read(monke
     def unreadable(*args, **kwargs):
         raise PermissionError("/proc/cpuinfo")
 
-    monkeypatch.setattr("builtins.open", unreadable)
-    assert models._cpu_vendor() == ""
+    with monkeypatch.context() as patched:
+        patched.setattr("builtins.open", unreadable)
+        assert models._cpu_vendor() == ""
+    arm = "processor\t: 0\nmodel name\t: ARM\n"
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: io.StringIO(arm))
+    assert models._cpu_vendor() == ""  # no vendor_id line: no vendor
+
+
+def test_a_conv_net_takes_digit_labels_or_codes_not_both():
+    with pytest.raises(ValueError, match=r"^a generator takes digit labels or a learnt code, not both$"):
+        ConvGenerator(n_classes=10, n_codes=5)
+    with pytest.raises(ValueError, match=r"^a discriminator takes digit labels or codes, not both$"):
+        ConvDiscriminator(n_classes=10, n_codes=5)
