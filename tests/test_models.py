@@ -396,3 +396,13 @@ def test_a_conv_net_takes_digit_labels_or_codes_not_both():
         ConvGenerator(n_classes=10, n_codes=5)
     with pytest.raises(ValueError, match=r"^a discriminator takes digit labels or codes, not both$"):
         ConvDiscriminator(n_classes=10, n_codes=5)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cgan", "selfcond"])
+def test_build_models_gives_each_net_the_params_dropout(model):
+    codes = 5 if model == "selfcond" else 0
+    generator, discriminator = models.build_models(model, 16, 8, 0.37, torch.device("cpu"), codes=codes)
+    drop_g = [m.p for m in generator.modules() if isinstance(m, nn.Dropout)]
+    drop_d = [m.p for m in discriminator.modules() if isinstance(m, nn.Dropout)]
+    assert drop_d == [0.37, 0.37]
+    assert drop_g == ([0.37, 0.37] if model == "mlp" else [])  # the conv G has no dropout
